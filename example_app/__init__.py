@@ -1,0 +1,1 @@
+"""A realistic FastAPI service built on `lifecycle` (see ``main.py``)."""

@@ -1,0 +1,34 @@
+"""Configuration from the environment, with embedded defaults that need no server."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What the service needs to know about its surroundings.
+
+    ``DATABASE_URL`` selects PostgreSQL (``postgresql://...``); without it the service uses
+    SQLite at ``SQLITE_PATH``. ``REDIS_URL`` selects Redis; without it the cache lives in the
+    process.
+    """
+
+    database_url: str | None
+    sqlite_path: str
+    redis_url: str | None
+    cache_ttl: float
+    reindex_seconds: float
+    upstream_url: str
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        return cls(
+            database_url=os.environ.get("DATABASE_URL") or None,
+            sqlite_path=os.environ.get("SQLITE_PATH", "example_app.db"),
+            redis_url=os.environ.get("REDIS_URL") or None,
+            cache_ttl=float(os.environ.get("CACHE_TTL", "30")),
+            reindex_seconds=float(os.environ.get("REINDEX_SECONDS", "0.05")),
+            upstream_url=os.environ.get("UPSTREAM_URL", "http://127.0.0.1:8000"),
+        )

@@ -1,0 +1,1134 @@
+"""Per-request deadlines: one time budget bounds everything done for a request.
+
+`DeadlineMiddleware` turns the budget a client sends (``x-request-timeout-ms`` and the common
+headers of gRPC, Envoy and Connect) or a server default into an anyio cancel scope around the
+request. Inside the request, the deadline is what anyio sees
+(`anyio.current_effective_deadline`), what `remaining` reports, and what
+`lifecycle.httpx.DeadlineTransport` uses to cap outbound timeouts and forward the rest of the
+budget upstream.
+
+How a request's deadline is built::
+
+    budget   = smallest valid budget header          (absent: default_timeout)
+    budget   = min(budget, max_timeout)               (a client only shortens it)
+    deadline = arrival + budget - reserve             (time kept back to write the 504)
+
+When the deadline passes before the response has started, the request is cancelled and answered
+``504`` with a ``application/problem+json`` body (RFC 9457) of type `DEADLINE_EXPIRED_TYPE`
+and the marker header ``x-deadline-expired: 1`` (`DEADLINE_EXPIRED_HEADER`): the caller's
+budget is spent, so it should not retry. When the response had already started (a stream), the
+response is aborted: the connection is closed without the final chunk, so the client sees a
+truncated response rather than a complete one.
+
+Speed: on asyncio, anyio arms one event-loop timer for every cancel scope with a deadline, and
+under load those timers crowd the loop's timer heap, whose entries compare in Python. Here the
+deadlines of all requests on a loop share a single loop timer (a heap of plain tuples with lazy
+deletion), while the deadline stays on the request's cancel scope where
+`anyio.current_effective_deadline` reads it. This hooks into anyio's asyncio cancel scope (its
+``_timeout`` method and ``_timeout_handle`` slot); when the installed anyio does not have that
+shape, plain `anyio.CancelScope` is used instead: same behaviour, slower. On trio, deadlines
+are cheap already and trio's own cancel scope is used. What remains is the cost of a cancel
+scope per request itself; ``benchmarks/deadline.py`` measures it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import functools
+import heapq
+import inspect
+import itertools
+import json
+import logging
+import math
+import re
+import sys
+import time
+import weakref
+from collections.abc import Awaitable, Callable, Iterable, Iterator, MutableMapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from types import ModuleType, TracebackType
+from typing import TYPE_CHECKING, Any, Final, ParamSpec, Protocol, TypeVar, overload
+
+import anyio
+import anyio.lowlevel
+import anyio.to_thread
+
+from .exceptions import DeadlineExceeded
+
+__all__ = [
+    "DEADLINE_EXPIRED_HEADER",
+    "DEADLINE_EXPIRED_TYPE",
+    "DEFAULT_BUDGET_HEADERS",
+    "DEFAULT_EXEMPT_PATHS",
+    "MALFORMED_BUDGET_TYPE",
+    "DeadlineExceeded",
+    "DeadlineMiddleware",
+    "DeadlineStatistics",
+    "current_deadline",
+    "deadline_scope",
+    "remaining",
+    "request_timeout",
+]
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+
+_LOG = logging.getLogger("lifecycle.deadline")
+
+DEFAULT_BUDGET_HEADERS: Final[tuple[str, ...]] = (
+    "x-request-timeout-ms",
+    "grpc-timeout",
+    "x-envoy-expected-rq-timeout-ms",
+    "connect-timeout-ms",
+)
+"""Headers read for an inbound budget, in no particular order: the smallest valid one wins."""
+
+DEFAULT_EXEMPT_PATHS: Final[tuple[str, ...]] = (
+    "/livez",
+    "/readyz",
+    "/startupz",
+    "/healthz",
+    "/metrics",
+)
+"""Paths that pass through the deadline and admission middlewares untouched: probes and
+metrics must answer even when the service is saturated or the caller's budget is tiny."""
+
+DEADLINE_EXPIRED_HEADER: Final = "x-deadline-expired"
+"""Header set to ``1`` on every 504 answered because a deadline expired (here or upstream)."""
+
+DEADLINE_EXPIRED_TYPE: Final = "urn:lifecycle:problem:deadline-expired"
+"""RFC 9457 problem type of the body of those 504 responses."""
+
+MALFORMED_BUDGET_TYPE: Final = "urn:lifecycle:problem:malformed-budget"
+"""RFC 9457 problem type of the 400 answered to a malformed budget header in strict mode."""
+
+_PROBLEM_CONTENT_TYPE: Final = b"application/problem+json"
+_MAX_MS_DIGITS: Final = 10  # Connect's limit; 10 digits of milliseconds is about 115 days
+_GRPC_UNITS: Final[dict[int, float]] = {
+    ord("H"): 3600.0,
+    ord("M"): 60.0,
+    ord("S"): 1.0,
+    ord("m"): 1e-3,
+    ord("u"): 1e-6,
+    ord("n"): 1e-9,
+}
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9a-z-]+")
+
+
+class _DeadlineObserver(Protocol):
+    """What metrics and tracing watch of each request that runs under a deadline."""
+
+    def request_started(self, budget: float, client_budget: float | None) -> None:
+        """The request starts with ``budget`` seconds (after clamping); it is current here."""
+
+    def request_finished(self, remaining: float, outcome: str) -> None:
+        """The request ended with ``remaining`` seconds left (negative: overran).
+
+        ``outcome`` is ``"completed"`` or ``"expired"``.
+        """
+
+
+# Process-wide, like the middleware itself (which knows no Lifecycle): added to by
+# `instrument_metrics` and `instrument_tracing`; empty, it costs one test per request.
+_observers: list[_DeadlineObserver] = []
+
+
+@dataclass(frozen=True, slots=True)
+class DeadlineStatistics:
+    """A snapshot of what a `DeadlineMiddleware` has done since it was created.
+
+    Attributes:
+        received: Requests that carried a valid budget header.
+        clamped: Budgets cut down to ``max_timeout``.
+        malformed: Requests whose budget headers were malformed (ignored, or answered 400 in
+            strict mode).
+        expired: Requests answered 504 because the deadline passed (or an upstream reported
+            it expired) before the response started.
+        rejected_early: Requests answered 504 on arrival, their budget below ``min_budget``.
+        aborted: Responses aborted mid-stream because the deadline passed after they started.
+        overran: Requests that kept running longer than ``reserve`` past their deadline, the
+            sign of code that cannot be cancelled (a sync endpoint in a worker thread).
+        in_flight: Requests whose application call is running now.
+    """
+
+    received: int
+    clamped: int
+    malformed: int
+    expired: int
+    rejected_early: int
+    aborted: int
+    overran: int
+    in_flight: int
+
+
+# -- budget headers -----------------------------------------------------------------------
+
+
+class _MalformedBudget(ValueError):
+    """A budget header value that cannot be used; the message says what was expected."""
+
+
+def _parse_milliseconds(value: bytes) -> float:
+    """Parse a relative budget in integer milliseconds (``x-request-timeout-ms`` and kin)."""
+    digits = value.strip(b" \t")
+    # bytes.isdigit() only accepts ASCII digits, so signs, dots, exponents, "inf", "nan" and
+    # non-ASCII digits are all refused here.
+    if not digits.isdigit() or len(digits) > _MAX_MS_DIGITS:
+        raise _MalformedBudget(
+            f"a positive integer number of milliseconds of at most {_MAX_MS_DIGITS} digits"
+        )
+    milliseconds = int(digits)
+    if milliseconds == 0:
+        raise _MalformedBudget("a positive integer number of milliseconds, not 0")
+    return milliseconds / 1000
+
+
+def _parse_grpc_timeout(value: bytes) -> float:
+    """Parse gRPC's ``grpc-timeout``: 1 to 8 ASCII digits and a unit among ``HMSmun``."""
+    text = value.strip(b" \t")
+    digits, unit = text[:-1], text[-1:]
+    scale = _GRPC_UNITS.get(unit[0]) if unit else None
+    if scale is None or not digits.isdigit() or len(digits) > 8:
+        raise _MalformedBudget("1 to 8 digits followed by one unit among H, M, S, m, u, n")
+    amount = int(digits)
+    if amount == 0:
+        raise _MalformedBudget("a positive timeout, not 0")
+    return amount * scale
+
+
+def _parser_for(name: str) -> Callable[[bytes], float]:
+    return _parse_grpc_timeout if name == "grpc-timeout" else _parse_milliseconds
+
+
+def _read_budget(
+    found: list[tuple[bytes, bytes]],
+) -> tuple[float | None, tuple[str, bytes, str] | None]:
+    """Return the smallest valid budget among the header fields found, and the first problem.
+
+    A header that appears more than once is malformed as a whole: there is no telling which
+    value the client meant.
+    """
+    budget: float | None = None
+    problem: tuple[str, bytes, str] | None = None
+    names = [name for name, _ in found]
+    for name, value in found:
+        header = name.decode("latin-1")
+        if names.count(name) > 1:
+            problem = problem or (header, value, "exactly one value, not a repeated header")
+            continue
+        try:
+            seconds = _parser_for(header)(value)
+        except _MalformedBudget as exc:
+            problem = problem or (header, value, str(exc))
+            continue
+        if budget is None or seconds < budget:
+            budget = seconds
+    return budget, problem
+
+
+# -- cancel scopes ------------------------------------------------------------------------
+
+
+class _Scope(Protocol):
+    """The part of a cancel scope (anyio's or trio's) the middleware uses."""
+
+    deadline: float
+
+    @property
+    def cancel_called(self) -> bool: ...
+
+    @property
+    def cancelled_caught(self) -> bool: ...
+
+    def cancel(self) -> None: ...
+
+    def __enter__(self) -> Any: ...
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_val: BaseException | None,
+        exc_tb: TracebackType | None,
+    ) -> bool | None: ...
+
+
+class _TimerEntry:
+    """One deadline registered with a `_SharedTimer`; quacks like an `asyncio.TimerHandle`."""
+
+    __slots__ = ("scope", "timer")
+
+    def __init__(self, timer: _SharedTimer, scope: _SharedTimerScope) -> None:
+        self.timer = timer
+        self.scope: _SharedTimerScope | None = scope
+
+    def cancel(self) -> None:
+        if self.scope is not None:
+            self.scope = None
+            timer = self.timer
+            timer.dead += 1
+            if timer.dead > 64 and timer.dead * 2 > len(timer.heap):
+                timer.compact()
+
+
+class _SharedTimer:
+    """Every request deadline on one asyncio loop, behind a single loop timer.
+
+    A heap of ``(deadline, sequence, entry)`` with lazy deletion: a finished request only marks
+    its entry dead, and the heap is compacted when dead entries outnumber live ones, so memory
+    stays proportional to the requests in flight. Only the earliest deadline arms a loop timer,
+    and with a constant default timeout each new deadline is later than the armed one, so most
+    requests arm nothing at all.
+    """
+
+    __slots__ = ("_armed_at", "_handle", "_loop_ref", "_sequence", "dead", "heap")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop_ref = weakref.ref(loop)
+        self.heap: list[tuple[float, int, _TimerEntry]] = []
+        self.dead = 0  # entries in the heap whose request is gone
+        self._sequence = itertools.count()
+        self._handle: asyncio.TimerHandle | None = None
+        self._armed_at = math.inf
+
+    def loop(self) -> asyncio.AbstractEventLoop | None:
+        return self._loop_ref()
+
+    def add(self, deadline: float, scope: _SharedTimerScope) -> _TimerEntry:
+        entry = _TimerEntry(self, scope)
+        heapq.heappush(self.heap, (deadline, next(self._sequence), entry))
+        if deadline < self._armed_at:
+            self._arm(deadline)
+        return entry
+
+    def compact(self) -> None:
+        """Drop the dead entries (called once they outnumber the live ones)."""
+        self.heap = [item for item in self.heap if item[2].scope is not None]
+        heapq.heapify(self.heap)
+        self.dead = 0
+
+    def _arm(self, when: float) -> None:
+        loop = self._loop_ref()
+        if loop is None:  # pragma: no cover - the loop is gone, and its requests with it
+            return
+        if self._handle is not None:
+            self._handle.cancel()
+        self._armed_at = when
+        self._handle = loop.call_at(when, self._fire)
+
+    def _fire(self) -> None:
+        self._handle = None
+        self._armed_at = math.inf
+        loop = self._loop_ref()
+        if loop is None:  # pragma: no cover - the loop is gone, and its requests with it
+            return
+        now = loop.time()
+        while self.heap:
+            deadline, _, entry = self.heap[0]
+            scope = entry.scope
+            if scope is None:
+                heapq.heappop(self.heap)
+                self.dead -= 1
+            elif deadline <= now:
+                heapq.heappop(self.heap)
+                entry.scope = None
+                scope.expire()  # may register again, if the clock fired a hair early
+            else:
+                self._arm(deadline)
+                return
+
+
+def _supports_shared_timer(cls: type) -> bool:
+    """Whether anyio's asyncio cancel scope still has the shape `_SharedTimerScope` relies on."""
+    slots = set(getattr(cls, "__slots__", ()))
+    return (
+        callable(getattr(cls, "_timeout", None))
+        and {
+            "_deadline",
+            "_timeout_handle",
+            "_cancel_called",
+        }
+        <= slots
+    )
+
+
+try:
+    from anyio._backends._asyncio import CancelScope as _AsyncioCancelScope
+except ImportError:  # pragma: no cover - anyio reorganised its backends; fall back below
+    _FAST_SCOPE_AVAILABLE = False
+else:
+    _FAST_SCOPE_AVAILABLE = _supports_shared_timer(_AsyncioCancelScope)
+
+
+if TYPE_CHECKING or _FAST_SCOPE_AVAILABLE:
+
+    class _SharedTimerScope(_AsyncioCancelScope):
+        """anyio's asyncio cancel scope, with its deadline kept by a `_SharedTimer`.
+
+        anyio arms a loop timer in ``_timeout()`` whenever the deadline is set or the scope is
+        entered, and cancels ``_timeout_handle`` when the scope exits, is cancelled or gets a
+        new deadline. Registering with the shared timer instead, and handing back an entry
+        whose ``cancel()`` marks it dead, keeps every other behaviour of the scope as is.
+        """
+
+        __slots__ = ("_shared_timer",)
+
+        _shared_timer: _SharedTimer
+
+        def _timeout(self) -> None:
+            deadline = self._deadline
+            if deadline != math.inf:
+                timer = self._shared_timer
+                loop = timer.loop()
+                if loop is None or loop.time() >= deadline:
+                    self.cancel("deadline exceeded")
+                else:
+                    # The entry quacks like the TimerHandle anyio expects here.
+                    self._timeout_handle = timer.add(deadline, self)  # type: ignore[assignment]
+
+        def expire(self) -> None:
+            """Called by the shared timer when the deadline this scope registered has come."""
+            self._timeout_handle = None
+            self._timeout()
+
+
+_timers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _SharedTimer] = (
+    weakref.WeakKeyDictionary()
+)
+_last_timer: _SharedTimer | None = None
+_use_shared_timer = _FAST_SCOPE_AVAILABLE
+
+
+def _timer_for(loop: asyncio.AbstractEventLoop) -> _SharedTimer:
+    global _last_timer  # a one-entry cache in front of the weak mapping
+    timer = _last_timer
+    if timer is None or timer.loop() is not loop:
+        timer = _timers.get(loop)
+        if timer is None:
+            timer = _timers[loop] = _SharedTimer(loop)
+        _last_timer = timer
+    return timer
+
+
+def _open_scope(loop: asyncio.AbstractEventLoop | None, deadline: float) -> _Scope:
+    """A cancel scope with ``deadline`` for the running loop (``None``: not asyncio)."""
+    if loop is None:
+        scope: _Scope = _trio().CancelScope(deadline=deadline)
+        return scope
+    if _use_shared_timer:
+        shared = _SharedTimerScope(deadline=deadline)
+        shared._shared_timer = _timer_for(loop)
+        return shared
+    return anyio.CancelScope(deadline=deadline)
+
+
+_trio_module: ModuleType | None = None
+
+
+def _trio() -> Any:
+    """The trio module, once trio is running (it is an optional dependency)."""
+    global _trio_module  # imported once, on first use
+    if _trio_module is None:
+        if "trio" not in sys.modules:
+            raise RuntimeError(
+                "lifecycle's deadlines need a running asyncio or trio event loop; none is "
+                "running in this thread."
+            )
+        import trio  # trio is optional: imported only when it is the running loop
+
+        _trio_module = trio
+    return _trio_module
+
+
+def _trio_time() -> float:
+    return float(_trio().current_time())
+
+
+def _in_event_loop() -> bool:
+    if asyncio._get_running_loop() is not None:
+        return True
+    trio = sys.modules.get("trio")
+    return trio is not None and bool(trio.lowlevel.in_trio_run())
+
+
+# -- what code inside a request sees -------------------------------------------------------
+
+
+class _DeadlineView:
+    """The deadline as seen from worker threads, which cannot ask the event loop.
+
+    ``deadline`` is on the event loop's clock; ``clock_offset`` converts it to
+    `time.monotonic`, which threads can read.
+    """
+
+    __slots__ = ("clock_offset", "deadline")
+
+    def __init__(self, deadline: float | None, clock_offset: float) -> None:
+        self.deadline = deadline
+        self.clock_offset = clock_offset
+
+    def thread_remaining(self) -> float | None:
+        deadline = self.deadline
+        if deadline is None:
+            return None
+        return max(0.0, deadline + self.clock_offset - time.monotonic())
+
+
+class _RequestState(_DeadlineView):
+    """Everything the middleware tracks for one request (lives in `__call__`'s locals)."""
+
+    __slots__ = (
+        "arrival",
+        "client_budget",
+        "completed",
+        "keep_for_background",
+        "reserve",
+        "scope",
+        "started",
+        "trailers",
+        "upstream_expiry",
+    )
+
+    def __init__(
+        self,
+        scope: _Scope,
+        deadline: float | None,
+        clock_offset: float,
+        arrival: float,
+        client_budget: float | None,
+        reserve: float,
+    ) -> None:
+        self.deadline = deadline
+        self.clock_offset = clock_offset
+        self.scope = scope
+        self.arrival = arrival
+        self.client_budget = client_budget
+        self.reserve = reserve
+        self.started = False
+        self.completed = False
+        self.trailers = False
+        self.keep_for_background = False
+        self.upstream_expiry: str | None = None
+
+    def lift(self) -> None:
+        """Drop the deadline: what still runs belongs to no caller's budget."""
+        self.deadline = None
+        self.scope.deadline = math.inf
+
+
+_current: contextvars.ContextVar[_DeadlineView | None] = contextvars.ContextVar(
+    "lifecycle_deadline", default=None
+)
+
+
+def remaining() -> float | None:
+    """Return the seconds left before the current deadline, or ``None`` when there is none.
+
+    In async code this is the effective deadline anyio sees
+    (`anyio.current_effective_deadline`): the request's deadline set by `DeadlineMiddleware`,
+    or any shorter deadline opened inside it (`anyio.fail_after`, `deadline_scope`). It never
+    returns less than ``0.0``.
+
+    In a worker thread started from a request (a sync endpoint, `anyio.to_thread.run_sync`),
+    it reports the request's deadline, which threads inherit through their context. Such code
+    cannot be cancelled: it should check `remaining` and stop on its own when it reaches 0.
+
+    Returns:
+        The seconds left, or ``None`` when nothing bounds the current code.
+    """
+    if _in_event_loop():
+        deadline = anyio.current_effective_deadline()
+        if deadline == math.inf:
+            return None
+        return max(0.0, deadline - anyio.current_time())
+    view = _current.get()
+    return None if view is None else view.thread_remaining()
+
+
+def current_deadline() -> float | None:
+    """Return the current deadline on the event loop's clock, or ``None`` when there is none.
+
+    Capture it where the deadline applies (a request) to apply it later elsewhere (a job run by
+    a worker) with `deadline_scope`. In async code it is `anyio.current_effective_deadline`
+    (``-inf`` when the current scope is already cancelled); in a worker thread, the deadline of
+    the request that started the thread.
+
+    Returns:
+        The absolute deadline (comparable with `anyio.current_time`), or ``None``.
+    """
+    if _in_event_loop():
+        deadline = anyio.current_effective_deadline()
+        return None if deadline == math.inf else deadline
+    view = _current.get()
+    return None if view is None else view.deadline
+
+
+@contextmanager
+def deadline_scope(deadline: float | None) -> Iterator[anyio.CancelScope]:
+    """Run a block under an absolute deadline captured earlier, instead of the request's.
+
+    Work handed from a request to somewhere else (a worker pool, a task group owned by the
+    lifespan) does not inherit the request's deadline: it runs in other tasks, outside the
+    request's cancel scope. This is how such work opts in, or makes sure it stays out::
+
+        deadline = lifecycle.current_deadline()      # in the request: capture
+        ...
+        with lifecycle.deadline_scope(deadline):     # in the worker: apply
+            await handle(job)
+
+        with lifecycle.deadline_scope(None):         # no deadline for what starts in here
+            tg.start_soon(job)
+
+    Inside the block, the deadline bounds the code (as a cancel scope) and is what threads
+    started in it see through `remaining`. ``None`` adds no deadline and hides the request's
+    deadline from threads and tasks started in the block; it cannot lift the request's cancel
+    scope from code that still runs inside it.
+
+    Args:
+        deadline: An absolute deadline on the event loop's clock (from `current_deadline` or
+            `anyio.current_time`), or ``None`` for none.
+
+    Yields:
+        The cancel scope of the block.
+
+    Raises:
+        DeadlineExceeded: The deadline passed before the block finished.
+    """
+    if deadline is not None and math.isnan(deadline):
+        raise ValueError("deadline_scope() got a NaN deadline; pass a number or None.")
+    now = anyio.current_time()
+    token = _current.set(_DeadlineView(deadline, time.monotonic() - now))
+    try:
+        with anyio.CancelScope(deadline=math.inf if deadline is None else deadline) as scope:
+            yield scope
+    finally:
+        _current.reset(token)
+    if scope.cancelled_caught and deadline is not None and anyio.current_time() >= deadline:
+        raise DeadlineExceeded(
+            f"The deadline passed {anyio.current_time() - deadline:.3f} s ago; the work in "
+            "deadline_scope() was cancelled."
+        )
+
+
+def _expire_request(deadline: float, reason: str) -> None:
+    """End the current request as expired, when ``deadline`` is the request's own deadline.
+
+    Called when an outbound call finds the budget spent or hears that it expired upstream.
+    Cancelling the request's scope (rather than only raising) makes the request answer 504
+    with the marker even when the exception is caught on the way, or when a framework's error
+    middleware between here and `DeadlineMiddleware` would turn it into a 500: the
+    cancellation is delivered at the next checkpoint, at the latest when a response starts.
+    A shorter deadline opened inside the request (`anyio.fail_after`) is left to its owner.
+    """
+    state = _current.get()
+    if (
+        isinstance(state, _RequestState)
+        and deadline == state.deadline  # the request's own deadline is the binding one
+        and not state.started
+    ):
+        state.upstream_expiry = reason
+        state.scope.cancel()
+
+
+def _apply_route_timeout(timeout: float | None, keep_for_background: bool) -> None:
+    """Give the current request a route's own timeout (``None``: no deadline)."""
+    state = _current.get()
+    if not isinstance(state, _RequestState):
+        raise RuntimeError(  # noqa: TRY004 - no request in progress, not a wrong argument
+            "A per-route request timeout was applied outside a request handled by "
+            "DeadlineMiddleware; wrap the app with lifecycle.DeadlineMiddleware, and keep this "
+            "route's path out of exempt_paths."
+        )
+    state.keep_for_background = keep_for_background
+    if timeout is None:
+        state.lift()
+        return
+    budget = timeout if state.client_budget is None else min(timeout, state.client_budget)
+    state.deadline = state.arrival + budget - state.reserve
+    state.scope.deadline = state.deadline
+
+
+def _check_seconds(name: str, value: object, *, allow_none: bool = True) -> float | None:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{name} must be a number of seconds, got {value!r}.")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a positive, finite number of seconds, got {value!r}.")
+    return float(value)
+
+
+class _RouteTimeout:
+    """The decorator returned by `request_timeout`."""
+
+    def __init__(self, timeout: float | None, keep_for_background: bool) -> None:
+        self.timeout = timeout
+        self.keep_for_background = keep_for_background
+
+    @overload
+    def __call__(self, endpoint: Callable[_P, Awaitable[_T]]) -> Callable[_P, Awaitable[_T]]: ...
+
+    @overload
+    def __call__(self, endpoint: Callable[_P, _T]) -> Callable[_P, Awaitable[_T]]: ...
+
+    def __call__(self, endpoint: Callable[_P, Any]) -> Callable[_P, Awaitable[Any]]:
+        timeout, keep = self.timeout, self.keep_for_background
+        if inspect.iscoroutinefunction(endpoint):
+
+            @functools.wraps(endpoint)
+            async def run_async(*args: _P.args, **kwargs: _P.kwargs) -> Any:
+                _apply_route_timeout(timeout, keep)
+                return await endpoint(*args, **kwargs)
+
+            return run_async
+
+        if not callable(endpoint):
+            raise TypeError(f"request_timeout() decorates endpoints; got {endpoint!r}.")
+
+        @functools.wraps(endpoint)
+        async def run_in_thread(*args: _P.args, **kwargs: _P.kwargs) -> Any:
+            # The deadline is changed here, on the event loop; the sync endpoint then runs in
+            # a worker thread as the framework would have run it, seeing it via remaining().
+            _apply_route_timeout(timeout, keep)
+            return await anyio.to_thread.run_sync(functools.partial(endpoint, *args, **kwargs))
+
+        return run_in_thread
+
+
+def request_timeout(timeout: float | None, *, keep_for_background: bool = False) -> _RouteTimeout:
+    """Decorate an endpoint to give its route its own timeout, or none at all.
+
+    The route's timeout replaces ``default_timeout`` and ``max_timeout`` of
+    `DeadlineMiddleware` for that route (it may be longer than both: the server decides); a
+    client's shorter budget still wins, and ``reserve`` is still kept back. The new deadline
+    counts from the request's arrival. ``None`` opts the route out: the request runs without a
+    deadline whatever the client sent.
+
+    It applies when the endpoint is called, after the framework has resolved its dependencies
+    (those ran under the middleware's deadline). With FastAPI, the dependency
+    ``lifecycle.fastapi.request_timeout`` applies before the other dependencies. A sync
+    endpoint keeps running in a worker thread, as the framework would run it.
+
+    Args:
+        timeout: Seconds, counted from the request's arrival; ``None`` for no deadline.
+        keep_for_background: Keep the deadline after the response is complete, so that
+            background tasks (Starlette's ``BackgroundTasks``) are bounded by it too. By
+            default the deadline is lifted once the last byte of the response is sent.
+
+    Returns:
+        A decorator for async or sync endpoints.
+
+    Raises:
+        TypeError: ``timeout`` is not a number or ``None``.
+        ValueError: ``timeout`` is not positive and finite.
+    """
+    return _RouteTimeout(_check_seconds("timeout", timeout), keep_for_background)
+
+
+# -- the middleware -----------------------------------------------------------------------
+
+
+def _first_leaf(group: BaseExceptionGroup[Any]) -> BaseException:
+    first = group.exceptions[0]
+    return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
+
+
+def _problem_body(status: int, type_: str, title: str, detail: str) -> bytes:
+    problem = {"type": type_, "title": title, "status": status, "detail": detail}
+    return json.dumps(problem, ensure_ascii=True).encode("ascii")
+
+
+async def send_problem(
+    send: Send,
+    status: int,
+    *,
+    type_: str,
+    title: str,
+    detail: str,
+    headers: Sequence[tuple[bytes, bytes]] = (),
+) -> None:
+    """Send a complete ``application/problem+json`` response (RFC 9457)."""
+    body = _problem_body(status, type_, title, detail)
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", _PROBLEM_CONTENT_TYPE),
+                (b"content-length", str(len(body)).encode("ascii")),
+                (b"cache-control", b"no-store"),
+                *headers,
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+_EXPIRED_HEADERS: Final = ((DEADLINE_EXPIRED_HEADER.encode("ascii"), b"1"),)
+
+
+def validate_exempt_paths(exempt_paths: Iterable[str]) -> frozenset[str]:
+    """Check a collection of exempt paths and return it as a set."""
+    if isinstance(exempt_paths, str | bytes):
+        raise TypeError(
+            f"exempt_paths must be a collection of paths, not a single string {exempt_paths!r}; "
+            f"use exempt_paths=[{exempt_paths!r}]."
+        )
+    paths = frozenset(exempt_paths)
+    for path in paths:
+        if not isinstance(path, str) or not path.startswith("/"):
+            raise ValueError(f"Exempt path {path!r} must be a string starting with '/'.")
+    return paths
+
+
+class DeadlineMiddleware:
+    """Pure ASGI middleware that bounds each HTTP request by a deadline.
+
+    The budget comes from the budget ``headers`` the client sends (the smallest valid one),
+    else from ``default_timeout``; it is clamped to ``max_timeout`` and ``reserve`` is kept
+    back to write the error. The application runs in a cancel scope with
+    that deadline: `anyio.current_effective_deadline` and `remaining` see it anywhere in the
+    request, and `lifecycle.httpx.DeadlineTransport` forwards what is left upstream.
+
+    Expiry before the response starts: the request is cancelled and answered ``504`` with an
+    ``application/problem+json`` body of type `DEADLINE_EXPIRED_TYPE` and the header
+    ``x-deadline-expired: 1``, telling callers not to retry with the same budget. The same
+    answer is given when `lifecycle.httpx.DeadlineTransport` finds the request's budget spent
+    or hears that it expired upstream, and when a `DeadlineExceeded` escapes the application.
+    (Starlette and FastAPI answer 500 to any exception in their outermost error middleware;
+    install this middleware with ``app.add_middleware`` to sit inside it, so that exceptions
+    reach it first. The transport's expiries end the request through its cancel scope and
+    give the 504 wherever the middleware sits.) Expiry after the response started (streaming):
+    the response is aborted by returning without its final message, so the server closes the
+    connection and the client sees a truncated response; it is logged and counted, with no
+    second ``http.response.start`` and no 500. (uvicorn logs one line of its own for it.)
+
+    Code that cannot be cancelled, sync endpoints and any blocking call in a worker thread,
+    keeps running past the deadline: it can read `remaining` from its thread and should stop on
+    its own. The middleware answers once it returns, and logs how long it overran.
+
+    Once the response is complete the deadline is lifted, so Starlette's ``BackgroundTasks``
+    (which run inside the application call, after the response) are not bound by the caller's
+    budget, unless the route asked to keep it (`request_timeout`).
+
+    Bad budget headers (not a positive integer, zero, more than 10 digits, repeated, a gRPC
+    timeout with an unknown unit...) are ignored and counted, or answered ``400`` with a
+    problem body when ``strict`` is set; never a 500.
+
+    WebSocket and lifespan scopes, and HTTP requests to ``exempt_paths``, pass through.
+
+    Args:
+        app: The ASGI application to wrap.
+        default_timeout: Budget in seconds of requests that send no valid budget header;
+            ``None`` for no deadline.
+        max_timeout: Largest budget in seconds a client may ask for; longer ones are clamped.
+            ``None`` for no limit.
+        headers: Request headers to read a budget from. ``grpc-timeout`` is read in gRPC's
+            format (digits and a unit, ``250m``); every other header as a relative integer
+            number of milliseconds.
+        reserve: Seconds kept back from every budget to answer the 504 in time.
+        min_budget: When set, a request whose budget after ``reserve`` is below this many
+            seconds is answered 504 at once, without running the application.
+        strict: Answer malformed budget headers with 400 instead of ignoring them.
+        exempt_paths: Request paths (exact matches on the ASGI ``path``) that bypass the
+            middleware; health probes and metrics by default.
+
+    Raises:
+        TypeError: An option has the wrong type.
+        ValueError: An option is out of range or inconsistent with another one.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        default_timeout: float | None = None,
+        max_timeout: float | None = None,
+        headers: Iterable[str] = DEFAULT_BUDGET_HEADERS,
+        reserve: float = 0.01,
+        min_budget: float | None = None,
+        strict: bool = False,
+        exempt_paths: Iterable[str] = DEFAULT_EXEMPT_PATHS,
+    ) -> None:
+        self.app = app
+        self._default_timeout = _check_seconds("default_timeout", default_timeout)
+        self._max_timeout = _check_seconds("max_timeout", max_timeout)
+        self._min_budget = _check_seconds("min_budget", min_budget)
+        if isinstance(reserve, bool) or not isinstance(reserve, int | float):
+            raise TypeError(f"reserve must be a number of seconds, got {reserve!r}.")
+        if not math.isfinite(reserve) or reserve < 0:
+            raise ValueError(f"reserve must be a finite number of seconds >= 0, got {reserve!r}.")
+        self._reserve = float(reserve)
+        if (
+            self._default_timeout is not None
+            and self._max_timeout is not None
+            and self._default_timeout > self._max_timeout
+        ):
+            raise ValueError(
+                f"default_timeout={default_timeout!r} is longer than max_timeout={max_timeout!r}; "
+                "lower default_timeout or raise max_timeout."
+            )
+        for name, value in (("default_timeout", default_timeout), ("max_timeout", max_timeout)):
+            if value is not None and value <= self._reserve:
+                raise ValueError(
+                    f"{name}={value!r} leaves nothing after reserve={reserve!r}; every request "
+                    f"would expire on arrival. Raise {name} or lower reserve."
+                )
+        if isinstance(headers, str | bytes):
+            raise TypeError(
+                f"headers must be a collection of header names, not the single string "
+                f"{headers!r}; use headers=[{headers!r}]."
+            )
+        self._parsers: dict[bytes, Callable[[bytes], float]] = {}
+        for name in headers:
+            if not isinstance(name, str) or not _HEADER_NAME.fullmatch(name.lower()):
+                raise ValueError(f"Budget header {name!r} is not a valid HTTP header name.")
+            key = name.lower().encode("ascii")
+            if key in self._parsers:
+                raise ValueError(f"Budget header {name!r} is listed twice in headers.")
+            self._parsers[key] = _parser_for(name.lower())
+        self._strict = bool(strict)
+        self._exempt_paths = validate_exempt_paths(exempt_paths)
+        self._received = 0
+        self._clamped = 0
+        self._malformed = 0
+        self._expired = 0
+        self._rejected_early = 0
+        self._aborted = 0
+        self._overran = 0
+        self._in_flight = 0
+
+    def statistics(self) -> DeadlineStatistics:
+        """Return counters of what the middleware has done so far.
+
+        Returns:
+            A frozen snapshot; see `DeadlineStatistics`.
+        """
+        return DeadlineStatistics(
+            received=self._received,
+            clamped=self._clamped,
+            malformed=self._malformed,
+            expired=self._expired,
+            rejected_early=self._rejected_early,
+            aborted=self._aborted,
+            overran=self._overran,
+            in_flight=self._in_flight,
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in self._exempt_paths:
+            await self.app(scope, receive, send)
+            return
+
+        loop = asyncio._get_running_loop()
+        now = loop.time() if loop is not None else _trio_time()
+
+        budget: float | None = None
+        parsers = self._parsers
+        if parsers:
+            found: list[tuple[bytes, bytes]] | None = None
+            for name, value in scope["headers"]:
+                if name in parsers:
+                    if found is None:
+                        found = [(name, value)]
+                    else:
+                        found.append((name, value))
+            if found is not None:
+                if len(found) == 1:  # the common case: one budget header
+                    name, value = found[0]
+                    try:
+                        budget = parsers[name](value)
+                    except _MalformedBudget as exc:
+                        problem: tuple[str, bytes, str] | None = (
+                            name.decode("latin-1"),
+                            value,
+                            str(exc),
+                        )
+                    else:
+                        problem = None
+                else:
+                    budget, problem = _read_budget(found)
+                if problem is not None:
+                    self._malformed += 1
+                    header, value, expected = problem
+                    if self._strict:
+                        await self._reject_malformed(send, header, value, expected)
+                        return
+                    _LOG.debug(
+                        "Ignored budget header %s=%r: expected %s.", header, value[:64], expected
+                    )
+
+        client_budget = budget
+        if budget is not None:
+            self._received += 1
+            if self._max_timeout is not None and budget > self._max_timeout:
+                budget = self._max_timeout
+                self._clamped += 1
+        else:
+            budget = self._default_timeout
+
+        deadline: float | None = None
+        if budget is not None:
+            usable = budget - self._reserve
+            if self._min_budget is not None and usable < self._min_budget:
+                self._rejected_early += 1
+                await send_problem(
+                    send,
+                    504,
+                    type_=DEADLINE_EXPIRED_TYPE,
+                    title="Deadline expired",
+                    detail=(
+                        f"The request's budget of {budget * 1000:.0f} ms leaves less than the "
+                        f"{self._min_budget * 1000:.0f} ms this service needs; it was not started."
+                    ),
+                    headers=_EXPIRED_HEADERS,
+                )
+                return
+            deadline = now + usable
+
+        cancel_scope = _open_scope(loop, math.inf if deadline is None else deadline)
+        state = _RequestState(
+            cancel_scope,
+            deadline,
+            time.monotonic() - now,
+            now,
+            client_budget,
+            self._reserve,
+        )
+
+        async def send_with_deadline(message: Message) -> None:
+            kind = message["type"]
+            if kind == "http.response.start":
+                if cancel_scope.cancel_called:
+                    # The deadline passed while nothing checkpointed (a sync endpoint in a
+                    # worker thread): deliver the cancellation before anything is sent.
+                    await anyio.lowlevel.checkpoint()
+                state.started = True
+                state.trailers = bool(message.get("trailers", False))
+                await send(message)
+            elif (
+                (
+                    kind == "http.response.body"
+                    and not message.get("more_body", False)
+                    and not state.trailers
+                )
+                or (kind == "http.response.trailers" and not message.get("more_trailers", False))
+                or kind == "http.response.pathsend"
+            ):
+                await send(message)
+                state.completed = True
+                if not state.keep_for_background:
+                    state.lift()
+            else:
+                await send(message)
+
+        observers = _observers if deadline is not None and budget is not None else None
+        if observers:
+            for observer in observers:
+                observer.request_started(budget, client_budget)  # type: ignore[arg-type]
+
+        raised: BaseException | None = None
+        token = _current.set(state)
+        self._in_flight += 1
+        try:
+            with cancel_scope:
+                await self.app(scope, receive, send_with_deadline)
+        except DeadlineExceeded as exc:
+            if state.completed:  # raised by background work: not the request's to answer
+                raise
+            raised = exc
+        except BaseExceptionGroup as group:
+            # A task group in the handler may wrap it, possibly with cancellations of its own
+            # siblings that its cancel scope already absorbed.
+            matched, rest = group.split(DeadlineExceeded)
+            if rest is not None or matched is None or state.completed:
+                raise
+            raised = _first_leaf(matched)
+        finally:
+            self._in_flight -= 1
+            _current.reset(token)
+
+        try:
+            if cancel_scope.cancelled_caught or raised is not None:
+                await self._expired_response(scope, send, state, cancel_scope, loop, raised)
+        finally:
+            if observers and deadline is not None:
+                ended = loop.time() if loop is not None else _trio_time()
+                expired = cancel_scope.cancelled_caught or raised is not None
+                for observer in observers:
+                    observer.request_finished(
+                        deadline - ended, "expired" if expired else "completed"
+                    )
+            # Work that outlives the request with a copy of its context (threads, tasks) no
+            # longer sees its deadline.
+            state.deadline = None
+
+    async def _expired_response(
+        self,
+        scope: Scope,
+        send: Send,
+        state: _RequestState,
+        cancel_scope: _Scope,
+        loop: asyncio.AbstractEventLoop | None,
+        raised: BaseException | None,
+    ) -> None:
+        request = f"{scope.get('method', '?')} {scope['path']}"
+        if cancel_scope.cancel_called and state.deadline is not None:
+            now = loop.time() if loop is not None else _trio_time()
+            overrun = now - state.deadline
+            if overrun > max(self._reserve, 0.001):
+                self._overran += 1
+                _LOG.warning(
+                    "%s kept running %.3f s past its deadline: code that cannot be cancelled "
+                    "(a sync endpoint or a blocking call in a worker thread) ignored it. Check "
+                    "lifecycle.remaining() in such code and stop when it reaches 0.",
+                    request,
+                    overrun,
+                )
+        if not state.started:
+            self._expired += 1
+            if raised is not None or state.upstream_expiry is not None:
+                reason = state.upstream_expiry if raised is None else str(raised)
+                detail = f"The deadline expired: {reason}"
+            else:
+                detail = "The request's deadline expired before the response started."
+            await send_problem(
+                send,
+                504,
+                type_=DEADLINE_EXPIRED_TYPE,
+                title="Deadline expired",
+                detail=detail,
+                headers=_EXPIRED_HEADERS,
+            )
+        elif not state.completed:
+            self._aborted += 1
+            _LOG.warning(
+                "The deadline of %s expired after its response started; the response was "
+                "aborted and the connection will be closed.",
+                request,
+            )
+            # Returning without the final body message is how ASGI aborts a response.
+        else:
+            _LOG.info(
+                "Work that ran after the response to %s (background tasks) was cancelled by the "
+                "request's deadline.",
+                request,
+            )
+
+    async def _reject_malformed(self, send: Send, header: str, value: bytes, expected: str) -> None:
+        shown = value[:64].decode("latin-1")
+        await send_problem(
+            send,
+            400,
+            type_=MALFORMED_BUDGET_TYPE,
+            title="Malformed request budget",
+            detail=f"Header {header!r} must be {expected}; got {shown!r}.",
+        )

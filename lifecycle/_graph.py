@@ -1,0 +1,1755 @@
+"""The service graph: declaring services, validating the graph, starting and stopping it.
+
+A `Lifecycle` holds service declarations. `Lifecycle.run` validates the graph, then starts
+every service in its own *host* task inside one task group through ``TaskGroup.start``: a
+service starts the moment the services it depends on are running, and independent services
+start concurrently. Each host drives its service from start to cleanup in the same task (so a
+service may hold cancel scopes or task groups across its ``yield``), and waits, shielded, until
+shutdown asks it to stop; it then waits for every service that depends on it to finish
+stopping before it runs its own cleanup. Shutdown therefore runs in reverse dependency order,
+with independent cleanups running concurrently, each under ``CancelScope(shield=True)`` and its
+own deadline.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import difflib
+import enum
+import inspect
+import logging
+import math
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass, field
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Concatenate,
+    Generic,
+    Literal,
+    Protocol,
+    TypeVar,
+    cast,
+    overload,
+)
+
+import anyio
+from anyio.abc import TaskGroup, TaskStatus
+
+from ._timeline import LifecycleState, ServiceState, Timeline, TimelineEntry
+from .exceptions import GraphError, ServiceNotRunning, ShutdownError, StartupError
+
+if TYPE_CHECKING:
+    from ._observe import Observer
+    from ._workers import BackgroundTask, PeriodicJob, WorkerPool
+
+__all__ = ["Lifecycle", "Service", "Services"]
+
+T = TypeVar("T")
+J = TypeVar("J")
+R = TypeVar("R")
+T_co = TypeVar("T_co", covariant=True)
+AppT = TypeVar("AppT")
+
+logger = logging.getLogger("lifecycle.services")
+
+_TASK_STATUS = "task_status"
+
+
+class _Form(enum.Enum):
+    GENERATOR = "async generator"  # yields its value once; code after the yield is cleanup
+    TASK = "long-running task"  # calls task_status.started(value); cancelled at stop
+
+
+@dataclass(frozen=True, eq=False)
+class Service(Generic[T_co]):
+    """A declared service: what `Lifecycle.service` returns.
+
+    Pass it to ``depends=`` of another service, to `Lifecycle.get`, or to
+    `lifecycle.fastapi.provide`; its type parameter is the type of the value it starts with.
+
+    Attributes:
+        name: The service's name, unique within its `Lifecycle`.
+        fn: The function that runs the service.
+        lifecycle: The `Lifecycle` it is declared on.
+        depends: Each parameter of ``fn`` mapped to the name of the service whose value it
+            receives.
+        start_timeout: Seconds its start may take, or ``None`` for no limit of its own.
+        stop_timeout: Seconds its cleanup may take, or ``None`` for no limit of its own.
+        health: The service's own health check (``health=`` of `Lifecycle.service`), or
+            ``None``.
+    """
+
+    name: str
+    fn: Callable[..., Any] = field(repr=False)
+    lifecycle: Lifecycle = field(repr=False)
+    depends: Mapping[str, str]
+    start_timeout: float | None
+    stop_timeout: float | None
+    _form: _Form = field(repr=False)
+    health: Callable[..., Any] | None = field(default=None, repr=False)
+    # Declared by lifecycle itself (a worker pool, a health checker): it runs in the graph
+    # like any service but is left out of the values handed to the app.
+    _internal: bool = field(default=False, repr=False)
+
+
+class _Hooks(Protocol):
+    """Fault injection points used by `lifecycle.testing`."""
+
+    async def before_start(self, service: str) -> None: ...
+
+    async def after_stop(self, service: str) -> None: ...
+
+
+class _ServiceDecorator(Protocol):
+    @overload
+    def __call__(self, fn: Callable[..., AsyncIterator[T]], /) -> Service[T]: ...
+
+    @overload
+    def __call__(self, fn: Callable[..., Awaitable[None]], /) -> Service[Any]: ...
+
+
+class _WorkerDecorator(Protocol):
+    @overload
+    def __call__(self, fn: Callable[Concatenate[J, ...], Awaitable[R]], /) -> WorkerPool[J, R]: ...
+
+    @overload
+    def __call__(self, fn: Callable[Concatenate[J, ...], R], /) -> WorkerPool[J, R]: ...
+
+
+class Services(Mapping[str, Any]):
+    """The started services' values, by name: what ``async with lc.run()`` yields.
+
+    Index it with a name (``services["db"]``) or, keeping the value's type, with the
+    `Service` itself (``services[db]``).
+    """
+
+    def __init__(self, values: Mapping[str, Any]) -> None:
+        self._values = dict(values)
+
+    @overload
+    def __getitem__(self, key: Service[T]) -> T: ...
+
+    @overload
+    def __getitem__(self, key: str) -> Any: ...
+
+    def __getitem__(self, key: Service[Any] | str) -> Any:
+        name = key.name if isinstance(key, Service) else key
+        return self._values[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __repr__(self) -> str:
+        return f"Services({sorted(self._values)!r})"
+
+
+class Lifecycle:
+    """Declares an app's services and governs their life: start, run, stop.
+
+    Use `service` to declare services, then hand `lifespan` to Starlette or FastAPI
+    (``FastAPI(lifespan=lc.lifespan)``), or use `run` directly in scripts and tests.
+
+    Args:
+        startup_timeout: Seconds all of startup may take, or ``None`` for no limit.
+        shutdown_timeout: Seconds all of shutdown (or a rollback) may take, or ``None`` for no
+            limit. Every cleanup's own deadline is cut to fit in it.
+        drain_delay: Seconds to keep serving, with readiness failing, between the first
+            SIGTERM/SIGINT and the server's own graceful shutdown (see the README's "Graceful
+            drain"). ``0`` (the default) leaves signals to the server alone.
+    """
+
+    def __init__(
+        self,
+        *,
+        startup_timeout: float | None = 30.0,
+        shutdown_timeout: float | None = 30.0,
+        drain_delay: float = 0.0,
+    ) -> None:
+        self.startup_timeout = _check_timeout("startup_timeout", startup_timeout)
+        self.shutdown_timeout = _check_timeout("shutdown_timeout", shutdown_timeout)
+        if drain_delay != 0:
+            _check_timeout("drain_delay", drain_delay)
+        self.drain_delay = float(drain_delay)
+        self._services: dict[str, Service[Any]] = {}
+        self._state = LifecycleState.IDLE
+        self._run: _Run | None = None
+        self._state_changed: anyio.Event | None = None
+        self._hooks: _Hooks | None = None
+        # Metrics and tracing (lifecycle/_observe.py) watch runs through this; None when off.
+        self._observer: Observer | None = None
+        self._draining = False
+        self._drain_began: float | None = None
+        if self.drain_delay > 0:
+            from ._drain import SignalDrain
+
+            SignalDrain(self, delay=self.drain_delay)
+
+    def __repr__(self) -> str:
+        return f"<Lifecycle {self._state.value} services={list(self._services)!r}>"
+
+    # -- declaring ------------------------------------------------------------------------
+
+    @overload
+    def service(self, fn: Callable[..., AsyncIterator[T]], /) -> Service[T]: ...
+
+    @overload
+    def service(self, fn: Callable[..., Awaitable[None]], /) -> Service[Any]: ...
+
+    @overload
+    def service(
+        self,
+        fn: None = None,
+        /,
+        *,
+        name: str | None = None,
+        depends: Mapping[str, Service[Any] | str] | None = None,
+        start_timeout: float | None = None,
+        stop_timeout: float | None = None,
+        health: Callable[..., Any] | None = None,
+    ) -> _ServiceDecorator: ...
+
+    def service(
+        self,
+        fn: Callable[..., Any] | None = None,
+        /,
+        *,
+        name: str | None = None,
+        depends: Mapping[str, Service[Any] | str] | None = None,
+        start_timeout: float | None = None,
+        stop_timeout: float | None = None,
+        health: Callable[..., Any] | None = None,
+    ) -> Service[Any] | _ServiceDecorator:
+        """Declare a service; use as ``@lc.service`` or ``@lc.service(...)``.
+
+        A service is either an async generator function that yields its value once (the code
+        after the ``yield`` is its cleanup, run shielded from cancellation under its
+        ``stop_timeout``), or a long-running async function taking a keyword ``task_status``
+        that calls ``task_status.started(value)`` once ready and is cancelled at stop.
+
+        Every other parameter is a dependency: it receives the value of the service named
+        after it, or of the service ``depends`` maps it to.
+
+        Args:
+            fn: The service function (when used without parentheses).
+            name: The service's name; defaults to the function's name.
+            depends: Maps parameter names to the `Service` (or service name) whose value they
+                receive, for parameters not named after their service.
+            start_timeout: Seconds the start may take, or ``None`` for no limit of its own.
+            stop_timeout: Seconds the cleanup may take, or ``None`` for no limit of its own.
+            health: The service's own health check, run in the background while the service
+                runs (see `health_check`).
+
+        Returns:
+            The declared `Service` (or, with arguments only, a decorator returning it).
+
+        Raises:
+            GraphError: The name is taken, or the parameters cannot be wired.
+            TypeError: ``fn`` is neither of the two supported kinds of function.
+            ValueError: A timeout is not a positive number of seconds.
+        """
+        start_timeout = _check_timeout("start_timeout", start_timeout)
+        stop_timeout = _check_timeout("stop_timeout", stop_timeout)
+
+        def decorate(fn: Callable[..., Any]) -> Service[Any]:
+            service = _declare(self, fn, name, depends, start_timeout, stop_timeout)
+            if health is not None:
+                service = dataclasses.replace(service, health=health)
+            service = self._add(service)
+            if health is not None:
+                self.health._add_service_check(service)  # runs it in the background
+            return service
+
+        if fn is not None:
+            return decorate(fn)
+        return cast(_ServiceDecorator, decorate)
+
+    def _declare_internal(
+        self,
+        fn: Callable[..., Any],
+        *,
+        name: str,
+        depends: Mapping[str, Service[Any] | str] | None = None,
+        start_timeout: float | None = None,
+        stop_timeout: float | None = None,
+    ) -> Service[Any]:
+        """Declare a service of lifecycle's own (a pool, a checker), hidden from the app."""
+        service = _declare(self, fn, name, depends, start_timeout, stop_timeout)
+        return self._add(dataclasses.replace(service, _internal=True))
+
+    def _add(self, service: Service[Any]) -> Service[Any]:
+        if self._state in (
+            LifecycleState.STARTING,
+            LifecycleState.RUNNING,
+            LifecycleState.STOPPING,
+        ):
+            raise RuntimeError(
+                f"Cannot declare {service.name!r} while the Lifecycle is {self._state.value}; "
+                f"declare every service before it starts."
+            )
+        if service.name in self._services:
+            raise GraphError(
+                f"A service named {service.name!r} is already declared on this Lifecycle; "
+                f"give one of them another name with @lc.service(name=...)."
+            )
+        self._services[service.name] = service
+        return service
+
+    # -- validating -----------------------------------------------------------------------
+
+    def validate(self) -> None:
+        """Check the graph without starting anything.
+
+        `run` does this first; call it yourself to fail fast (in a test, say).
+
+        Raises:
+            GraphError: A dependency is unknown or the graph has a cycle.
+        """
+        _plan(self._services)
+
+    # -- running --------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def run(self) -> AsyncIterator[Services]:
+        """Start every service, yield their values, and stop them all on exit.
+
+        Startup either completes or rolls back: when a start fails or times out, the services
+        that had started are stopped again in reverse dependency order and `StartupError` is
+        raised; when startup is cancelled from outside, they are stopped the same way and the
+        cancellation propagates. On exit every started service is stopped, even when the
+        body raised or was cancelled.
+
+        Yields:
+            The started services' values (`Services`).
+
+        Raises:
+            GraphError: The graph is invalid; nothing was started.
+            StartupError: A start failed or timed out; what had started was rolled back.
+            ShutdownError: A cleanup failed or timed out (raised after every cleanup ran).
+            RuntimeError: This Lifecycle is already running.
+        """
+        plan = _plan(self._services)
+        self._begin_run()
+        run = _Run(self, plan)
+        self._run = run
+        # Errors are raised after the task group has exited (every host has finished by
+        # then), so that they reach the caller as themselves rather than wrapped in the task
+        # group's ExceptionGroup. Cancellation passes through the task group untouched.
+        error: Exception | None = None
+        try:
+            async with anyio.create_task_group() as task_group:
+                try:
+                    await run.start(task_group)
+                except Exception as exc:
+                    error = exc
+                else:
+                    self._set_state(LifecycleState.RUNNING)
+                    try:
+                        yield Services(run.values)
+                    except BaseException as exc:
+                        self._set_state(LifecycleState.STOPPING)
+                        errors = await run.stop()
+                        if errors:
+                            # The body's exception wins; the cleanup failures were logged
+                            # one by one and are summarised on it.
+                            exc.add_note(_shutdown_error(errors, run).args[0])
+                        if not isinstance(exc, Exception):
+                            raise
+                        error = exc
+                    else:
+                        self._set_state(LifecycleState.STOPPING)
+                        errors = await run.stop()
+                        if errors:
+                            error = _shutdown_error(errors, run)
+        finally:
+            self._set_state(LifecycleState.STOPPED if run.started_ok else LifecycleState.FAILED)
+        if error is not None:
+            raise error
+
+    def lifespan(self, app: object) -> AbstractAsyncContextManager[dict[str, Any]]:
+        """The ASGI lifespan: ``Starlette(lifespan=lc.lifespan)``, ``FastAPI(lifespan=...)``.
+
+        Yields the lifespan state ``{service name: value}``, so ``request.state.<name>`` works
+        in handlers.
+
+        Args:
+            app: The application (unused; part of Starlette's lifespan signature).
+
+        Returns:
+            An async context manager running the services for the app's lifetime.
+        """
+        return self._lifespan()
+
+    @asynccontextmanager
+    async def _lifespan(self) -> AsyncIterator[dict[str, Any]]:
+        async with self.run() as services:
+            yield dict(services)
+
+    def wrap_lifespan(
+        self,
+        lifespan: Callable[[AppT], AbstractAsyncContextManager[Mapping[str, Any] | None]],
+    ) -> Callable[[AppT], AbstractAsyncContextManager[dict[str, Any]]]:
+        """Compose an existing lifespan with this Lifecycle.
+
+        The services start first, then ``lifespan`` runs inside them (so it can use
+        `get`); on the way out it ends before the services stop. The state it yields is
+        merged into the services' lifespan state.
+
+        Args:
+            lifespan: A Starlette-style lifespan: ``lifespan(app)`` returning an async context
+                manager that yields a state mapping or ``None``.
+
+        Returns:
+            A lifespan to pass to ``Starlette(lifespan=...)`` or ``FastAPI(lifespan=...)``.
+        """
+
+        @asynccontextmanager
+        async def combined(app: AppT) -> AsyncIterator[dict[str, Any]]:
+            async with self.run() as services, lifespan(app) as extra:
+                state = dict(services)
+                for key in extra or {}:
+                    if key in state:
+                        raise GraphError(
+                            f"The wrapped lifespan yields state {key!r}, which is also a "
+                            f"service name; rename one of them."
+                        )
+                state.update(extra or {})
+                yield state
+
+        return combined
+
+    async def wait_started(self) -> Services:
+        """Wait until the current (or next) run has started every service.
+
+        Returns:
+            The started services' values.
+
+        Raises:
+            StartupError: Startup failed (the run's own error is re-raised).
+            RuntimeError: The run ended before startup completed.
+        """
+        finished = (LifecycleState.FAILED, LifecycleState.STOPPED)
+        # A run that had already ended when we were called is not the one we wait for.
+        stale = self._run if self._state in finished else None
+        while True:
+            run = self._run
+            if run is not None and run is not stale:
+                if self._state is LifecycleState.RUNNING:
+                    return Services(run.values)
+                if self._state is LifecycleState.FAILED:
+                    raise run.error or RuntimeError(
+                        "The Lifecycle's startup was cancelled before it completed."
+                    )
+                if self._state is not LifecycleState.STARTING:
+                    raise RuntimeError(
+                        f"The Lifecycle is already {self._state.value}; wait_started() "
+                        f"missed the time it was running."
+                    )
+            if self._state_changed is None:
+                self._state_changed = anyio.Event()
+            await self._state_changed.wait()
+
+    # -- health (lifecycle/_health.py) ------------------------------------------------------
+
+    if TYPE_CHECKING:  # here rather than at the top, so that this section stays self-contained
+        from ._health import HealthCheck, HealthMonitor
+
+    # Created on first use: a Lifecycle that never uses health runs no watchdog and no check.
+    _health_monitor: HealthMonitor | None = None
+
+    @property
+    def health(self) -> HealthMonitor:
+        """This Lifecycle's `HealthMonitor`: its checks, components and probes.
+
+        Created on first use, which must come before the Lifecycle starts; declaring a check,
+        a ``health=`` service or health routes does it.
+
+        Raises:
+            RuntimeError: It is first used while the Lifecycle is running.
+        """
+        if self._health_monitor is None:
+            from ._health import HealthMonitor
+
+            self._health_monitor = HealthMonitor(self)
+        return self._health_monitor
+
+    @overload
+    def health_check(self, fn: Callable[..., Any], /) -> HealthCheck: ...
+
+    @overload
+    def health_check(
+        self,
+        name: str | None = None,
+        /,
+        *,
+        interval: float = 5.0,
+        timeout: float = 2.0,
+        critical: bool = True,
+        failure_threshold: int = 3,
+        success_threshold: int = 1,
+        liveness: bool = False,
+        depends: Mapping[str, Service[Any] | str] | None = None,
+    ) -> Callable[[Callable[..., Any]], HealthCheck]: ...
+
+    def health_check(
+        self,
+        fn: Callable[..., Any] | str | None = None,
+        /,
+        *,
+        name: str | None = None,
+        interval: float = 5.0,
+        timeout: float = 2.0,
+        critical: bool = True,
+        failure_threshold: int = 3,
+        success_threshold: int = 1,
+        liveness: bool = False,
+        depends: Mapping[str, Service[Any] | str] | None = None,
+    ) -> HealthCheck | Callable[[Callable[..., Any]], HealthCheck]:
+        """Declare a health check run in the background; ``@lc.health_check`` or with options.
+
+        The check's parameters are services, injected like a service's dependencies (or as
+        ``depends`` maps them). It passes by returning ``None`` or ``True``, fails by raising
+        or returning ``False``, and returns a `lifecycle.CheckResult` to report a degraded
+        (``warn``) state with a reason, or an observed value::
+
+            @lc.health_check(timeout=1.0)
+            async def database(db: Database) -> None:
+                await db.execute("SELECT 1")
+
+        It runs every ``interval`` seconds in a loop of its own (an internal service named
+        ``health:<name>``, started after its services and stopped before them), each run cut
+        off after ``timeout``. Probes read its cached status: ``failure_threshold``
+        consecutive failures make a passing check fail, ``success_threshold`` consecutive
+        successes make a failing check pass; its first result is taken as it is, and startup
+        waits for it (at most ``timeout``). A plain (non-async) function runs on the event
+        loop, where nothing can cut it off: keep those to in-memory checks.
+
+        A service's own ping is shorter to declare with ``@lc.service(health=ping)``: ``ping``
+        receives the service's value as its only argument (``async def ping(db: Database) ->
+        None``, or ``health=lambda db: db.ping()``) and runs as a check named after the service,
+        with these defaults.
+
+        Args:
+            fn: The check (when used without parentheses), or its name.
+            name: The check's name in reports; defaults to the function's name.
+            interval: Seconds between the starts of two runs.
+            timeout: Seconds one run may take; a run cut off is a failure.
+            critical: Readiness fails while it fails; a non-critical check only degrades the
+                full report (``/healthz``) to ``warn``.
+            failure_threshold: Consecutive failures before a passing check fails.
+            success_threshold: Consecutive successes before a failing check passes.
+            liveness: Liveness fails while it fails, too. Only for what a restart fixes:
+                a check that takes services is logged as a mistake at startup.
+            depends: Maps parameters to the `Service` (or name) whose value they receive.
+
+        Returns:
+            The `lifecycle.HealthCheck` (or, with options only, a decorator returning it);
+            its ``statistics()`` show the cached result and the counters.
+
+        Raises:
+            GraphError: The name is taken, or the parameters cannot be wired.
+            TypeError: ``fn`` is not callable.
+            ValueError: An option is out of range.
+        """
+        if isinstance(fn, str):
+            if name is not None:
+                raise TypeError(
+                    f"health_check() got the name twice ({fn!r} and name={name!r}); pass one."
+                )
+            fn, name = None, fn
+        from ._health import HealthCheck
+
+        def decorate(check: Callable[..., Any]) -> HealthCheck:
+            return HealthCheck(
+                self.health,
+                check,
+                name=name,
+                interval=interval,
+                timeout=timeout,
+                critical=critical,
+                liveness=liveness,
+                failure_threshold=failure_threshold,
+                success_threshold=success_threshold,
+                depends=depends,
+            )
+
+        return decorate(fn) if fn is not None else decorate
+
+    # -- background work (lifecycle/_workers.py) ----------------------------------------------
+
+    @overload
+    def worker(
+        self,
+        fn: Callable[Concatenate[J, ...], Awaitable[R]],
+        /,
+        *,
+        name: str | None = None,
+        concurrency: int = 1,
+        queue_size: int = 100,
+        overflow: Literal["wait", "reject"] = "wait",
+        drain_timeout: float | None = 30.0,
+        job_timeout: float | None = None,
+        inherit_deadline: bool = False,
+        cpu_bound: bool = False,
+        on_abandoned: Callable[[Any, str], object] | None = None,
+        depends: Mapping[str, Service[Any] | str] | None = None,
+    ) -> WorkerPool[J, R]: ...
+
+    @overload
+    def worker(
+        self,
+        fn: Callable[Concatenate[J, ...], R],
+        /,
+        *,
+        name: str | None = None,
+        concurrency: int = 1,
+        queue_size: int = 100,
+        overflow: Literal["wait", "reject"] = "wait",
+        drain_timeout: float | None = 30.0,
+        job_timeout: float | None = None,
+        inherit_deadline: bool = False,
+        cpu_bound: bool = False,
+        on_abandoned: Callable[[Any, str], object] | None = None,
+        depends: Mapping[str, Service[Any] | str] | None = None,
+    ) -> WorkerPool[J, R]: ...
+
+    @overload
+    def worker(
+        self,
+        fn: None = None,
+        /,
+        *,
+        name: str | None = None,
+        concurrency: int = 1,
+        queue_size: int = 100,
+        overflow: Literal["wait", "reject"] = "wait",
+        drain_timeout: float | None = 30.0,
+        job_timeout: float | None = None,
+        inherit_deadline: bool = False,
+        cpu_bound: bool = False,
+        on_abandoned: Callable[[Any, str], object] | None = None,
+        depends: Mapping[str, Service[Any] | str] | None = None,
+    ) -> _WorkerDecorator: ...
+
+    def worker(
+        self,
+        fn: Callable[..., Any] | None = None,
+        /,
+        *,
+        name: str | None = None,
+        concurrency: int = 1,
+        queue_size: int = 100,
+        overflow: Literal["wait", "reject"] = "wait",
+        drain_timeout: float | None = 30.0,
+        job_timeout: float | None = None,
+        inherit_deadline: bool = False,
+        cpu_bound: bool = False,
+        on_abandoned: Callable[[Any, str], object] | None = None,
+        depends: Mapping[str, Service[Any] | str] | None = None,
+    ) -> Any:
+        """Declare a bounded worker pool running the decorated handler on submitted jobs.
+
+        The handler's first parameter is the job; its other parameters are services,
+        injected like a service's dependencies. The pool starts after those services and
+        drains and stops before them. Async handlers run on the event loop, plain functions
+        in worker threads (at most ``concurrency`` at once), and with ``cpu_bound=True`` in
+        worker processes.
+
+        Returns a `WorkerPool`: ``await pool.submit(job)`` waits for room,
+        ``pool.submit_nowait(job)`` raises `QueueFull`, ``await pool.call(job)`` returns the
+        handler's result, ``pool.statistics()`` counts everything.
+
+        Args:
+            fn: The handler (when used without parentheses).
+            name: The pool's name; defaults to the handler's name.
+            concurrency: How many jobs run at once.
+            queue_size: How many accepted jobs may wait.
+            overflow: What a full queue does to `WorkerPool.submit`: ``"wait"`` for room
+                (backpressure), or ``"reject"`` with `QueueFull`.
+            drain_timeout: Seconds the queue may take to drain at shutdown before running
+                jobs are cancelled and queued ones abandoned; ``None`` waits for all.
+            job_timeout: Seconds one job may run; a job past it fails with `TimeoutError`.
+            inherit_deadline: Run each job under the deadline of the code that submitted it
+                (a request's); by default jobs are app-scoped and do not inherit it.
+            cpu_bound: Run a plain handler that takes only the job in worker processes.
+            on_abandoned: Called with each abandoned job and the reason.
+            depends: Maps handler parameters to the services they receive.
+        """
+        from ._workers import WorkerPool
+
+        def decorate(handler: Callable[..., Any]) -> WorkerPool[Any, Any]:
+            return WorkerPool(
+                self,
+                handler,
+                name=name or handler.__name__,
+                concurrency=concurrency,
+                queue_size=queue_size,
+                overflow=overflow,
+                drain_timeout=drain_timeout,
+                job_timeout=job_timeout,
+                inherit_deadline=inherit_deadline,
+                cpu_bound=cpu_bound,
+                on_abandoned=on_abandoned,
+                depends=depends,
+            )
+
+        return decorate(fn) if fn is not None else decorate
+
+    @overload
+    def background(
+        self,
+        fn: Callable[..., Awaitable[Any]],
+        /,
+        *,
+        name: str | None = None,
+        restart: Literal["always", "on_failure", "never"] = "on_failure",
+        max_restarts: int = 5,
+        within: float = 60.0,
+        backoff_base: float = 0.1,
+        backoff_max: float = 30.0,
+        on_give_up: Literal["fail_health", "shutdown"] = "fail_health",
+        stop_timeout: float | None = 10.0,
+        depends: Mapping[str, Service[Any] | str] | None = None,
+    ) -> BackgroundTask: ...
+
+    @overload
+    def background(
+        self,
+        fn: None = None,
+        /,
+        *,
+        name: str | None = None,
+        restart: Literal["always", "on_failure", "never"] = "on_failure",
+        max_restarts: int = 5,
+        within: float = 60.0,
+        backoff_base: float = 0.1,
+        backoff_max: float = 30.0,
+        on_give_up: Literal["fail_health", "shutdown"] = "fail_health",
+        stop_timeout: float | None = 10.0,
+        depends: Mapping[str, Service[Any] | str] | None = None,
+    ) -> Callable[[Callable[..., Awaitable[Any]]], BackgroundTask]: ...
+
+    def background(
+        self,
+        fn: Callable[..., Awaitable[Any]] | None = None,
+        /,
+        *,
+        name: str | None = None,
+        restart: Literal["always", "on_failure", "never"] = "on_failure",
+        max_restarts: int = 5,
+        within: float = 60.0,
+        backoff_base: float = 0.1,
+        backoff_max: float = 30.0,
+        on_give_up: Literal["fail_health", "shutdown"] = "fail_health",
+        stop_timeout: float | None = 10.0,
+        depends: Mapping[str, Service[Any] | str] | None = None,
+    ) -> Any:
+        """Declare a supervised long-running task (its parameters are services).
+
+        The supervisor restarts it by ``restart`` policy, waiting an exponential backoff
+        with full jitter (a random delay up to ``min(backoff_max, backoff_base * 2**n)``)
+        before restart ``n``. More than ``max_restarts`` restarts within ``within`` seconds
+        make it give up and escalate: by default (``on_give_up="fail_health"``) readiness and
+        liveness fail, so an orchestrator replaces the process; ``"shutdown"`` asks the
+        server to shut down gracefully (SIGTERM to this process). At stop it is cancelled.
+
+        Returns a `BackgroundTask` whose `statistics()` shows its state and restarts.
+        """
+        from ._workers import BackgroundTask
+
+        def decorate(task: Callable[..., Awaitable[Any]]) -> BackgroundTask:
+            return BackgroundTask(
+                self,
+                task,
+                name=name or task.__name__,
+                restart=restart,
+                max_restarts=max_restarts,
+                within=within,
+                backoff_base=backoff_base,
+                backoff_max=backoff_max,
+                on_give_up=on_give_up,
+                stop_timeout=stop_timeout,
+                depends=depends,
+            )
+
+        return decorate(fn) if fn is not None else decorate
+
+    @overload
+    def periodic(
+        self,
+        fn: Callable[..., Awaitable[Any]],
+        /,
+        *,
+        every: float,
+        name: str | None = None,
+        jitter: float = 0.0,
+        timeout: float | None = None,
+        first_run: Literal["now", "after_period"] = "after_period",
+        stop_timeout: float | None = 10.0,
+        depends: Mapping[str, Service[Any] | str] | None = None,
+    ) -> PeriodicJob: ...
+
+    @overload
+    def periodic(
+        self,
+        fn: None = None,
+        /,
+        *,
+        every: float,
+        name: str | None = None,
+        jitter: float = 0.0,
+        timeout: float | None = None,
+        first_run: Literal["now", "after_period"] = "after_period",
+        stop_timeout: float | None = 10.0,
+        depends: Mapping[str, Service[Any] | str] | None = None,
+    ) -> Callable[[Callable[..., Awaitable[Any]]], PeriodicJob]: ...
+
+    def periodic(
+        self,
+        fn: Callable[..., Awaitable[Any]] | None = None,
+        /,
+        *,
+        every: float,
+        name: str | None = None,
+        jitter: float = 0.0,
+        timeout: float | None = None,
+        first_run: Literal["now", "after_period"] = "after_period",
+        stop_timeout: float | None = 10.0,
+        depends: Mapping[str, Service[Any] | str] | None = None,
+    ) -> Any:
+        """Declare a job run every ``every`` seconds (its parameters are services).
+
+        Runs never overlap: a run longer than the period delays the next one, and missed
+        periods are skipped. Each run waits an extra random delay up to ``jitter`` seconds,
+        is cut off after ``timeout``, and a failure is logged and counted while the schedule
+        goes on. The first run happens at once (``first_run="now"``) or after one period. At
+        stop, a run in progress may finish within ``stop_timeout``.
+
+        Returns a `PeriodicJob` whose `statistics()` counts runs and failures.
+        """
+        from ._workers import PeriodicJob
+
+        def decorate(job: Callable[..., Awaitable[Any]]) -> PeriodicJob:
+            return PeriodicJob(
+                self,
+                job,
+                name=name or job.__name__,
+                every=every,
+                jitter=jitter,
+                timeout=timeout,
+                first_run=first_run,
+                stop_timeout=stop_timeout,
+                depends=depends,
+            )
+
+        return decorate(fn) if fn is not None else decorate
+
+    # -- draining -------------------------------------------------------------------------
+
+    @property
+    def draining(self) -> bool:
+        """Whether a drain has begun in the current run (readiness fails for good)."""
+        return self._draining
+
+    @property
+    def drain_began(self) -> float | None:
+        """When the drain began (``time.monotonic()``), or ``None``."""
+        return self._drain_began
+
+    def begin_drain(self) -> None:
+        """Mark the app as draining: from now on readiness fails, while liveness holds.
+
+        The graceful-drain protocol calls this on the first SIGTERM; calling it again does
+        nothing. It is reset when the next run starts.
+        """
+        if not self._draining:
+            self._draining = True
+            # time.monotonic, not the loop's clock: this runs from signal callbacks too, where
+            # no task is current and anyio cannot tell which event loop is running.
+            self._drain_began = time.monotonic()
+            logger.info("Drain begun: readiness now fails.", extra={"phase": "drain"})
+
+    # -- inspecting -----------------------------------------------------------------------
+
+    @property
+    def state(self) -> LifecycleState:
+        """Where the whole Lifecycle is: idle, starting, running, stopping, stopped, failed."""
+        return self._state
+
+    @property
+    def declared(self) -> Mapping[str, Service[Any]]:
+        """The declared services, by name, in declaration order."""
+        return dict(self._services)
+
+    def service_state(self, service: Service[Any] | str) -> ServiceState:
+        """The state of one service in the current or last run (``PENDING`` before any run).
+
+        Raises:
+            LookupError: No such service is declared.
+        """
+        name = self._name_of(service)
+        if self._run is None:
+            return ServiceState.PENDING
+        return self._run.records[name].state
+
+    @overload
+    def get(self, service: Service[T]) -> T: ...
+
+    @overload
+    def get(self, service: str) -> Any: ...
+
+    def get(self, service: Service[Any] | str) -> Any:
+        """The started value of a running service.
+
+        Raises:
+            ServiceNotRunning: The service is not running (the app's lifespan has not started
+                it, or it has stopped).
+            LookupError: No such service is declared.
+        """
+        name = self._name_of(service)
+        run = self._run
+        if run is None or run.records[name].state is not ServiceState.RUNNING:
+            state = "never run" if run is None else run.records[name].state.value
+            raise ServiceNotRunning(
+                f"Service {name!r} is not running (it is {state}); its value exists only while "
+                f"the Lifecycle runs: pass lifespan=lc.lifespan to the app, or use "
+                f"`async with lc.run()`."
+            )
+        return run.records[name].value
+
+    def timeline(self) -> Timeline:
+        """The start/stop timeline of the current or last run (empty before any run)."""
+        if self._run is None:
+            return Timeline(
+                tuple(TimelineEntry(name, ServiceState.PENDING) for name in self._services)
+            )
+        return self._run.timeline()
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _name_of(self, service: Service[Any] | str) -> str:
+        if isinstance(service, Service):
+            if self._services.get(service.name) is not service:
+                raise LookupError(f"{service!r} is declared on another Lifecycle.")
+            return service.name
+        if service not in self._services:
+            raise LookupError(
+                f"No service named {service!r} is declared{_suggest(service, self._services)}."
+            )
+        return service
+
+    def _begin_run(self) -> None:
+        if self._state in (
+            LifecycleState.STARTING,
+            LifecycleState.RUNNING,
+            LifecycleState.STOPPING,
+        ):
+            raise RuntimeError(
+                f"This Lifecycle is already {self._state.value}; a Lifecycle runs one lifespan "
+                f"at a time. Use one Lifecycle per app, or wait for the running one to stop."
+            )
+        self._draining = False
+        self._drain_began = None
+        self._set_state(LifecycleState.STARTING)
+
+    def _set_state(self, state: LifecycleState) -> None:
+        self._state = state
+        event, self._state_changed = self._state_changed, None
+        if event is not None:
+            # An event left by a waiter of an earlier run on an event loop that has since
+            # closed cannot be set (nor can that waiter be woken): forget it.
+            with contextlib.suppress(RuntimeError):
+                event.set()
+
+
+# -- declaration and validation -----------------------------------------------------------
+
+
+def _check_timeout(what: str, value: float | None) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{what} must be a number of seconds or None, not {value!r}.")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(
+            f"{what} must be a positive, finite number of seconds (or None for no limit), "
+            f"not {value!r}."
+        )
+    return float(value)
+
+
+def _declare(
+    lifecycle: Lifecycle,
+    fn: Callable[..., Any],
+    name: str | None,
+    depends: Mapping[str, Service[Any] | str] | None,
+    start_timeout: float | None,
+    stop_timeout: float | None,
+) -> Service[Any]:
+    if not callable(fn):
+        raise TypeError(f"@lc.service decorates a function, not {fn!r}.")
+    name = name if name is not None else getattr(fn, "__name__", None)
+    if not isinstance(name, str) or not name:
+        raise TypeError(
+            f"Cannot name the service {fn!r}; pass a non-empty string with @lc.service(name=...)."
+        )
+    signature = inspect.signature(fn)
+    if inspect.isasyncgenfunction(fn):
+        form = _Form.GENERATOR
+        if _TASK_STATUS in signature.parameters:
+            raise TypeError(
+                f"Service {name!r} is an async generator and also takes task_status; use one "
+                f"form: yield the value once, or take task_status and call "
+                f"task_status.started(value)."
+            )
+    elif inspect.iscoroutinefunction(fn) and _TASK_STATUS in signature.parameters:
+        form = _Form.TASK
+    elif inspect.iscoroutinefunction(fn):
+        raise TypeError(
+            f"Service {name!r} is an async function without task_status; make it an async "
+            f"generator that yields its value once (cleanup after the yield), or give it a "
+            f"keyword parameter task_status and call task_status.started(value) when ready."
+        )
+    else:
+        raise TypeError(
+            f"Service {name!r} must be an async generator function (yield the value once) or "
+            f"an async function taking task_status, not {type(fn).__name__} {fn!r}."
+        )
+
+    params: dict[str, str] = {}
+    for param in signature.parameters.values():
+        if param.name == _TASK_STATUS:
+            continue
+        if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+            raise GraphError(
+                f"Service {name!r} takes *{param.name}; every parameter must name one "
+                f"dependency, so remove it."
+            )
+        if param.kind is param.POSITIONAL_ONLY:
+            raise GraphError(
+                f"Service {name!r} takes {param.name!r} as positional-only; dependencies are "
+                f"passed by keyword, so remove the '/'."
+            )
+        params[param.name] = param.name
+
+    for key, target in (depends or {}).items():
+        if key not in params:
+            raise GraphError(
+                f"Service {name!r} maps depends={{{key!r}: ...}}, but {key!r} is not a "
+                f"parameter of {getattr(fn, '__qualname__', fn)!r}; its parameters are "
+                f"{sorted(params)!r}."
+            )
+        if isinstance(target, Service):
+            if target.lifecycle is not lifecycle:
+                raise GraphError(
+                    f"Service {name!r} depends on {target!r}, which is declared on another "
+                    f"Lifecycle; declare both on the same one."
+                )
+            params[key] = target.name
+        elif isinstance(target, str):
+            params[key] = target
+        else:
+            raise TypeError(
+                f"depends={{{key!r}: {target!r}}} of service {name!r} must map to a Service "
+                f"or a service name."
+            )
+
+    return Service(
+        name=name,
+        fn=fn,
+        lifecycle=lifecycle,
+        depends=params,
+        start_timeout=start_timeout,
+        stop_timeout=stop_timeout,
+        _form=form,
+    )
+
+
+@dataclass(frozen=True)
+class _Plan:
+    services: dict[str, Service[Any]]
+    dependents: dict[str, list[str]]  # name -> services that depend on it
+
+
+def _plan(services: Mapping[str, Service[Any]]) -> _Plan:
+    """Validate the graph: every dependency known, no cycle."""
+    dependents: dict[str, list[str]] = {name: [] for name in services}
+    for service in services.values():
+        for param, target in service.depends.items():
+            if target not in services:
+                via = "" if param == target else f" (parameter {param!r})"
+                raise GraphError(
+                    f"Service {service.name!r} depends on unknown service {target!r}{via}"
+                    f"{_suggest(target, services)}; declare a service named {target!r}, or map "
+                    f"the parameter to an existing one with depends={{{param!r}: <service>}}."
+                )
+            if service.name not in dependents[target]:
+                dependents[target].append(service.name)
+
+    # Depth-first search, colouring nodes; a grey node reached again closes a cycle.
+    white, grey, black = 0, 1, 2
+    colour = dict.fromkeys(services, white)
+    path: list[str] = []
+
+    def visit(name: str) -> None:
+        colour[name] = grey
+        path.append(name)
+        for target in services[name].depends.values():
+            if colour[target] == grey:
+                cycle = [*path[path.index(target) :], target]
+                raise GraphError(
+                    "Service dependencies form a cycle: "
+                    + " -> ".join(repr(n) for n in cycle)
+                    + "; break it by removing one of these dependencies."
+                )
+            if colour[target] == white:
+                visit(target)
+        path.pop()
+        colour[name] = black
+
+    for name in services:
+        if colour[name] == white:
+            visit(name)
+    return _Plan(dict(services), dependents)
+
+
+def _suggest(name: str, known: Mapping[str, object]) -> str:
+    close = difflib.get_close_matches(name, list(known), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+# -- running ------------------------------------------------------------------------------
+
+
+class _Record:
+    """One service's state within one run."""
+
+    __slots__ = (
+        "crash",
+        "error",
+        "host_done",
+        "service",
+        "start_began",
+        "start_ended",
+        "started",
+        "state",
+        "stop_began",
+        "stop_ended",
+        "stop_error",
+        "value",
+        "wake",
+    )
+
+    def __init__(self, service: Service[Any]) -> None:
+        self.service = service
+        self.state = ServiceState.PENDING
+        self.value: Any = None
+        self.started = False
+        # Events exist only where something waits on them: startup of a thousand services
+        # should not pay for three thousand events.
+        # Set when the host task has finished; the services it depends on wait for it.
+        self.host_done = anyio.Event() if service.depends else None
+        # Asks a long-running service's host to stop (set too when the service exits on its
+        # own); generator services wait on the run's single stop event instead.
+        self.wake = anyio.Event() if service._form is _Form.TASK else None
+        self.error: BaseException | None = None  # why the start failed
+        self.stop_error: BaseException | None = None  # why the cleanup failed
+        self.crash: BaseException | None = None  # a long-running service's crash
+        self.start_began: float | None = None
+        self.start_ended: float | None = None
+        self.stop_began: float | None = None
+        self.stop_ended: float | None = None
+
+
+class _Run:
+    """One run of a Lifecycle: starts the hosts, stops them, keeps the timeline."""
+
+    def __init__(self, lifecycle: Lifecycle, plan: _Plan) -> None:
+        self.lifecycle = lifecycle
+        self.plan = plan
+        self.records = {name: _Record(service) for name, service in plan.services.items()}
+        self.origin = time.perf_counter()
+        self.stop_requested = anyio.Event()
+        # How many of its dependencies each service still waits for.
+        self.waiting_for = {
+            name: len(set(service.depends.values())) for name, service in plan.services.items()
+        }
+        self.hosts_alive = 0
+        self.hosts_done: anyio.Event | None = None
+        self.shutdown_deadline = math.inf
+        self.started_ok = False
+        self.stopping = False
+        self.error: BaseException | None = None
+        self.stop_order: list[str] = []
+
+    @property
+    def values(self) -> dict[str, Any]:
+        return {
+            name: rec.value
+            for name, rec in self.records.items()
+            if rec.started and not rec.service._internal
+        }
+
+    def now(self) -> float:
+        """Seconds since the run began, for the timeline (wall-clock, not the loop's)."""
+        return time.perf_counter() - self.origin
+
+    # -- startup --------------------------------------------------------------------------
+
+    async def start(self, task_group: TaskGroup) -> None:
+        startup_timeout = self.lifecycle.startup_timeout
+        deadline = math.inf if startup_timeout is None else anyio.current_time() + startup_timeout
+        observer = self.lifecycle._observer
+        if observer is not None:
+            observer.run_starting(self.lifecycle)
+        try:
+            with anyio.CancelScope() as abort, anyio.CancelScope(deadline=deadline) as budget:
+                async with anyio.create_task_group() as starters:
+                    # Services with no dependencies start at once; each of the others is
+                    # launched by the start of the last of its dependencies to finish.
+                    for name, count in self.waiting_for.items():
+                        if count == 0:
+                            starters.start_soon(
+                                self._starter, self.records[name], task_group, starters, abort
+                            )
+        except BaseException as exc:
+            # Cancelled from outside (or interrupted): roll back, then let it propagate.
+            for record in self.records.values():
+                if record.state is ServiceState.STARTING:
+                    record.state = ServiceState.STOPPED
+                    record.start_ended = self.now()
+            await self._rollback()
+            if observer is not None:
+                observer.run_started(self.lifecycle, exc)
+            raise
+
+        if budget.cancelled_caught:
+            for record in self.records.values():
+                if record.state is ServiceState.STARTING:
+                    record.error = TimeoutError(
+                        f"Service {record.service.name!r} was still starting when the "
+                        f"startup_timeout of {startup_timeout}s ran out."
+                    )
+                    self._fail_start(record)
+        failures = {n: r.error for n, r in self.records.items() if r.error is not None}
+        if not failures:
+            self.started_ok = True
+            self._log_started()
+            if observer is not None:
+                observer.run_started(self.lifecycle, None)
+            return
+
+        cancelled = [n for n, r in self.records.items() if r.state is ServiceState.STARTING]
+        for name in cancelled:
+            self.records[name].state = ServiceState.STOPPED
+            self.records[name].start_ended = self.now()
+        rollback_errors = await self._rollback()
+        error = _startup_error(failures, cancelled, list(self.stop_order), rollback_errors)
+        self.error = error
+        if observer is not None:
+            observer.run_started(self.lifecycle, error)
+        raise error
+
+    async def _starter(
+        self,
+        record: _Record,
+        task_group: TaskGroup,
+        starters: TaskGroup,
+        abort: anyio.CancelScope,
+    ) -> None:
+        """Start ``record``'s service, then the dependents that this start made ready.
+
+        The first such dependent starts in this same task (a chain costs one starter task,
+        not one per link); the others get starter tasks of their own, so that they start
+        concurrently.
+        """
+        next_record: _Record | None = record
+        while next_record is not None:
+            record, next_record = next_record, None
+            record.state = ServiceState.STARTING
+            record.start_began = self.now()
+            try:
+                record.value = await task_group.start(self._host, record)
+            except Exception as exc:
+                record.error = exc
+                self._fail_start(record)
+                abort.cancel()
+                return
+            for name in self.plan.dependents[record.service.name]:
+                self.waiting_for[name] -= 1
+                if self.waiting_for[name] > 0:
+                    continue
+                if next_record is None:
+                    next_record = self.records[name]
+                else:
+                    starters.start_soon(
+                        self._starter, self.records[name], task_group, starters, abort
+                    )
+
+    def _fail_start(self, record: _Record) -> None:
+        record.state = ServiceState.FAILED
+        record.start_ended = self.now()
+        logger.error(
+            "Service %r failed to start: %s",
+            record.service.name,
+            _describe(record.error),
+            exc_info=record.error,
+            extra={"service": record.service.name, "phase": "start"},
+        )
+
+    def _log_started(self) -> None:
+        timeline = self.timeline()
+        total = max((e.start_ended or 0.0 for e in timeline), default=0.0)
+        chain = " -> ".join(
+            f"{name} ({(timeline[name].start_duration or 0.0) * 1000:.1f}ms)"
+            for name in timeline.slowest_chain
+        )
+        logger.info(
+            "Started %d services in %.1fms; slowest chain: %s",
+            len(self.records),
+            total * 1000,
+            chain or "none",
+            extra={"phase": "startup", "duration": total},
+        )
+
+    # -- the host task: one per service, from start to cleanup -----------------------------
+
+    async def _host(self, record: _Record, *, task_status: TaskStatus[Any]) -> None:
+        service = record.service
+        kwargs = {param: self.records[target].value for param, target in service.depends.items()}
+        observer = self.lifecycle._observer
+        self.hosts_alive += 1
+        try:
+            if observer is not None:
+                observer.service_starting(service)
+            if service._form is _Form.GENERATOR:
+                await self._host_generator(record, kwargs, task_status)
+            else:
+                await self._host_task(record, kwargs, task_status)
+        except BaseException as exc:
+            if observer is not None and not record.started:
+                observer.service_start_failed(service, exc)
+            raise
+        finally:
+            if record.host_done is not None:
+                record.host_done.set()
+            self.hosts_alive -= 1
+            if self.hosts_alive == 0 and self.hosts_done is not None:
+                self.hosts_done.set()
+
+    def _start_deadline(self, service: Service[Any]) -> float:
+        timeout = service.start_timeout
+        return math.inf if timeout is None else anyio.current_time() + timeout
+
+    def _start_timed_out(self, service: Service[Any]) -> TimeoutError:
+        return TimeoutError(
+            f"Service {service.name!r} did not start within its start_timeout of "
+            f"{service.start_timeout}s."
+        )
+
+    async def _host_generator(
+        self, record: _Record, kwargs: dict[str, Any], task_status: TaskStatus[Any]
+    ) -> None:
+        service = record.service
+        hooks = self.lifecycle._hooks
+        agen = cast(Any, service.fn(**kwargs))
+        # One scope spans the generator's whole life, because the generator may leave its own
+        # cancel scopes (a task group, say) open across its yield: a scope of ours opened
+        # around one step and closed after it would break their nesting. Its deadline is the
+        # start timeout, then none, then the stop deadline. It is cancellable while starting
+        # (a rollback or Ctrl+C cancels the start) and a shield once running, so that
+        # everything the service owns, tasks it spawned included, stops only when its turn
+        # comes in the reverse-order shutdown.
+        with anyio.CancelScope(deadline=self._start_deadline(service)) as guard:
+            try:
+                if hooks is not None:
+                    await hooks.before_start(service.name)
+                value = await agen.__anext__()
+            except StopAsyncIteration:
+                raise RuntimeError(
+                    f"Service {service.name!r} finished without yielding its value; an async "
+                    f"generator service must yield exactly once."
+                ) from None
+            except Exception as exc:
+                if guard.cancel_called:
+                    raise self._start_timed_out(service) from exc
+                raise
+            guard.deadline = math.inf
+            guard.shield = True
+            self._running(record, value)
+            task_status.started(value)
+
+            await self._wait_for_stop(record)
+            guard.deadline = self._begin_stop(record)
+            try:
+                await agen.__anext__()
+            except StopAsyncIteration:
+                pass
+            except Exception as exc:
+                record.stop_error = exc
+            else:
+                record.stop_error = RuntimeError(
+                    f"Service {service.name!r} yielded more than once; an async generator "
+                    f"service must yield exactly once (its value), then clean up."
+                )
+                await agen.aclose()
+            if hooks is not None and record.stop_error is None:
+                try:
+                    await hooks.after_stop(service.name)
+                except Exception as exc:
+                    record.stop_error = exc
+        if not record.started:
+            # The start deadline cancelled the start (the guard swallowed the cancellation).
+            raise self._start_timed_out(service)
+        self._stopped(record, timed_out=guard.cancelled_caught)
+
+    async def _host_task(
+        self, record: _Record, kwargs: dict[str, Any], task_status: TaskStatus[Any]
+    ) -> None:
+        service = record.service
+        hooks = self.lifecycle._hooks
+        exited = False
+        stop_deadline = math.inf
+
+        async def run_service(*, task_status: TaskStatus[Any]) -> None:
+            nonlocal exited
+            reporter = _StartedReporter(task_status)
+            try:
+                if hooks is not None:
+                    await hooks.before_start(service.name)
+                await service.fn(**kwargs, task_status=reporter)
+                if not reporter.reported:
+                    raise RuntimeError(
+                        f"Service {service.name!r} returned without calling "
+                        f"task_status.started(); call it once the service is ready."
+                    )
+            finally:
+                exited = True
+                assert record.wake is not None
+                record.wake.set()
+
+        # The service runs in a child task, so scopes here nest simply. Like the generator
+        # form's, the guard is cancellable while starting and a shield once running.
+        try:
+            with anyio.CancelScope() as guard:
+                async with anyio.create_task_group() as inner:
+                    with anyio.CancelScope(deadline=self._start_deadline(service)) as scope:
+                        try:
+                            value = await inner.start(run_service)
+                        except Exception as exc:
+                            if scope.cancel_called:
+                                raise self._start_timed_out(service) from exc
+                            raise
+                    if scope.cancelled_caught:
+                        raise self._start_timed_out(service)
+                    guard.shield = True
+                    self._running(record, value)
+                    task_status.started(value)
+
+                    await self._wait_for_stop(record)
+                    if not exited:
+                        # Stopping a long-running service means cancelling it; its own
+                        # finally blocks run under that cancellation.
+                        stop_deadline = self._begin_stop(record)
+                        inner.cancel_scope.cancel()
+        except Exception as exc:
+            error = _unwrap(exc)
+            if not record.started:
+                raise error from None
+            if record.state is ServiceState.RUNNING:
+                record.crash = error
+                record.state = ServiceState.FAILED
+                logger.error(
+                    "Service %r crashed while running: %s",
+                    service.name,
+                    _describe(error),
+                    exc_info=error,
+                    extra={"service": service.name, "phase": "run"},
+                )
+                return
+            record.stop_error = error
+        if record.state is ServiceState.RUNNING:
+            # Returned on its own before being asked to stop.
+            logger.warning(
+                "Service %r returned while running, before it was asked to stop.",
+                service.name,
+                extra={"service": service.name, "phase": "run"},
+            )
+            record.state = ServiceState.STOPPED
+            return
+        timed_out = anyio.current_time() > stop_deadline
+        if hooks is not None and record.stop_error is None and not timed_out:
+            with anyio.CancelScope(shield=True, deadline=stop_deadline) as scope:
+                try:
+                    await hooks.after_stop(service.name)
+                except Exception as exc:
+                    record.stop_error = exc
+            timed_out = scope.cancelled_caught
+        self._stopped(record, timed_out=timed_out)
+
+    # -- stopping -------------------------------------------------------------------------
+
+    def _running(self, record: _Record, value: Any) -> None:
+        record.value = value
+        record.started = True
+        record.state = ServiceState.RUNNING
+        record.start_ended = self.now()
+        took = record.start_ended - (record.start_began or 0.0)
+        logger.debug(
+            "Service %r started in %.1fms",
+            record.service.name,
+            took * 1000,
+            extra={"service": record.service.name, "phase": "start", "duration": took},
+        )
+        if self.lifecycle._observer is not None:
+            self.lifecycle._observer.service_started(record.service)
+
+    async def _wait_for_stop(self, record: _Record) -> None:
+        """Wait, shielded, for the stop request, then for every started dependent to stop.
+
+        Also returns when a long-running service exits on its own (it sets ``wake`` too).
+        """
+        # Shielded even inside the shielded guard: a generator service may have left its
+        # own cancel scopes open across its yield, and their cancellation must not reach
+        # this wait. No deadline: each dependent's cleanup is bounded by its own deadline,
+        # and the order must hold even when the shutdown budget runs out.
+        with anyio.CancelScope(shield=True):
+            await (record.wake or self.stop_requested).wait()
+            if not self.stopping:
+                return
+            for name in self.plan.dependents[record.service.name]:
+                dependent = self.records[name]
+                if dependent.started:
+                    assert dependent.host_done is not None  # it has a dependency: us
+                    await dependent.host_done.wait()
+
+    def _stop_deadline(self, service: Service[Any]) -> float:
+        own = math.inf
+        if service.stop_timeout is not None:
+            own = anyio.current_time() + service.stop_timeout
+        return min(own, self.shutdown_deadline)
+
+    def _begin_stop(self, record: _Record) -> float:
+        """Mark the service stopping; return the deadline of its cleanup."""
+        record.state = ServiceState.STOPPING
+        record.stop_began = self.now()
+        self.stop_order.append(record.service.name)
+        if self.lifecycle._observer is not None:
+            self.lifecycle._observer.service_stopping(record.service)
+        return self._stop_deadline(record.service)
+
+    def _stopped(self, record: _Record, *, timed_out: bool) -> None:
+        service = record.service
+        record.stop_ended = self.now()
+        if timed_out and record.stop_error is None:
+            limit = (
+                f"its stop_timeout of {service.stop_timeout}s"
+                if service.stop_timeout is not None
+                and (
+                    self.lifecycle.shutdown_timeout is None
+                    or service.stop_timeout <= self.lifecycle.shutdown_timeout
+                )
+                else f"the shutdown_timeout of {self.lifecycle.shutdown_timeout}s"
+            )
+            record.stop_error = TimeoutError(
+                f"Service {service.name!r} did not finish its cleanup within {limit}; "
+                f"it was cut off."
+            )
+        took = record.stop_ended - (record.stop_began or record.stop_ended)
+        if self.lifecycle._observer is not None:
+            self.lifecycle._observer.service_stopped(service, record.stop_error)
+        if record.stop_error is None:
+            record.state = ServiceState.STOPPED
+            logger.debug(
+                "Service %r stopped in %.1fms",
+                service.name,
+                took * 1000,
+                extra={"service": service.name, "phase": "stop", "duration": took},
+            )
+            return
+        record.state = ServiceState.FAILED
+        logger.error(
+            "Service %r failed to stop cleanly: %s",
+            service.name,
+            _describe(record.stop_error),
+            exc_info=record.stop_error,
+            extra={"service": service.name, "phase": "stop", "duration": took},
+        )
+
+    async def stop(self) -> dict[str, BaseException]:
+        """Stop every started service in reverse dependency order; return the failures."""
+        shutdown_timeout = self.lifecycle.shutdown_timeout
+        began = self.now()
+        if shutdown_timeout is not None:
+            self.shutdown_deadline = anyio.current_time() + shutdown_timeout
+        self.stopping = True
+        started = [record for record in self.records.values() if record.started]
+        observer = self.lifecycle._observer
+        if observer is not None:
+            observer.run_stopping(self.lifecycle)
+        with anyio.CancelScope(shield=True):
+            self.stop_requested.set()
+            for record in started:
+                if record.wake is not None:
+                    record.wake.set()
+            if self.hosts_alive:
+                self.hosts_done = anyio.Event()
+                await self.hosts_done.wait()
+        errors: dict[str, BaseException] = {}
+        for record in started:
+            error = record.stop_error or record.crash
+            if error is not None:
+                errors[record.service.name] = error
+        took = self.now() - began
+        logger.info(
+            "Stopped %d services in %.1fms%s",
+            len(started),
+            took * 1000,
+            f"; {len(errors)} failed: {', '.join(sorted(errors))}" if errors else "",
+            extra={"phase": "shutdown", "duration": took},
+        )
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug(
+                "Timeline of the run:\n%s",
+                self.timeline().gantt(),
+                extra={"phase": "shutdown"},
+            )
+        if observer is not None:
+            observer.run_stopped(self.lifecycle, errors)
+        return errors
+
+    async def _rollback(self) -> dict[str, BaseException]:
+        if not any(record.started for record in self.records.values()):
+            return {}
+        return await self.stop()
+
+    # -- timeline -------------------------------------------------------------------------
+
+    def timeline(self) -> Timeline:
+        entries = []
+        for name, record in self.records.items():
+            error = record.error or record.crash or record.stop_error
+            entries.append(
+                TimelineEntry(
+                    service=name,
+                    state=record.state,
+                    started=record.started,
+                    start_began=record.start_began,
+                    start_ended=record.start_ended,
+                    stop_began=record.stop_began,
+                    stop_ended=record.stop_ended,
+                    error=_describe(error) if error is not None else None,
+                )
+            )
+        return Timeline(tuple(entries), self._slowest_chain())
+
+    def _slowest_chain(self) -> tuple[str, ...]:
+        started = {n: r for n, r in self.records.items() if r.started}
+        if not started:
+            return ()
+        chain = [max(started, key=lambda n: started[n].start_ended or 0.0)]
+        while True:
+            deps = [t for t in started[chain[-1]].service.depends.values() if t in started]
+            if not deps:
+                break
+            chain.append(max(deps, key=lambda n: started[n].start_ended or 0.0))
+        return tuple(reversed(chain))
+
+
+class _StartedReporter:
+    """Forwards ``task_status.started`` and remembers whether the service called it."""
+
+    def __init__(self, task_status: TaskStatus[Any]) -> None:
+        self._task_status = task_status
+        self.reported = False
+
+    def started(self, value: Any = None) -> None:
+        self._task_status.started(value)
+        self.reported = True
+
+
+def _unwrap(exc: BaseException) -> BaseException:
+    """The single leaf of a task group's exception group, or the group itself."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
+
+
+def _describe(exc: BaseException | None) -> str:
+    if exc is None:
+        return ""
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _startup_error(
+    failures: dict[str, BaseException],
+    cancelled: list[str],
+    rolled_back: list[str],
+    rollback_errors: dict[str, BaseException],
+) -> StartupError:
+    parts = [
+        "Startup failed: "
+        + "; ".join(f"service {name!r} {_what_failed(exc)}" for name, exc in failures.items())
+        + "."
+    ]
+    if cancelled:
+        parts.append("Cancelled while starting: " + ", ".join(repr(n) for n in cancelled) + ".")
+    if rolled_back:
+        parts.append("Rolled back: " + ", ".join(repr(n) for n in rolled_back) + ".")
+    else:
+        parts.append("Nothing had started, so nothing was rolled back.")
+    if rollback_errors:
+        parts.append(
+            "Rollback cleanups that failed: "
+            + "; ".join(f"{n!r}: {_describe(e)}" for n, e in rollback_errors.items())
+            + "."
+        )
+    error = StartupError(
+        " ".join(parts),
+        failures=failures,
+        cancelled=cancelled,
+        rolled_back=rolled_back,
+        rollback_errors=rollback_errors,
+    )
+    originals = list(failures.values())
+    if len(originals) == 1:
+        error.__cause__ = originals[0]
+    else:
+        error.__cause__ = BaseExceptionGroup("services that failed to start", originals)
+    return error
+
+
+def _what_failed(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):
+        return f"timed out ({exc})"
+    return f"raised {_describe(exc)}"
+
+
+def _shutdown_error(errors: dict[str, BaseException], run: _Run) -> ShutdownError:
+    details = []
+    for name, exc in errors.items():
+        record = run.records[name]
+        if record.crash is exc:
+            details.append(f"{name!r} crashed while running ({_describe(exc)})")
+        elif isinstance(exc, TimeoutError):
+            details.append(f"{name!r} timed out ({exc})")
+        else:
+            details.append(f"{name!r} raised {_describe(exc)}")
+    error = ShutdownError(
+        "Shutdown finished with errors (every cleanup was attempted): " + "; ".join(details) + ".",
+        errors=errors,
+    )
+    originals = list(errors.values())
+    error.__cause__ = (
+        originals[0]
+        if len(originals) == 1
+        else BaseExceptionGroup("services that failed to stop", originals)
+    )
+    return error

@@ -1,0 +1,984 @@
+"""App-scoped background work: bounded worker pools, supervised tasks, periodic jobs.
+
+Each of them runs as an internal service of the `Lifecycle` graph: it starts after the
+services its handler uses, lives in the lifespan's task group, and stops (draining first)
+before them. Nothing outlives the app and nothing is fire-and-forget.
+
+A worker pool is a fixed set of long-lived worker tasks reading one bounded anyio memory
+stream: handing a job over costs a stream hand-off, not a task spawn.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import enum
+import inspect
+import logging
+import math
+import random
+import signal
+import time
+import types
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Generator, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
+
+import anyio
+import anyio.lowlevel
+import anyio.to_process
+import anyio.to_thread
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from ._deadline import _current as _request_deadline
+from ._health import CheckResult, HealthStatus
+from .exceptions import GraphError, JobAbandoned, PoolClosed, QueueFull
+
+if TYPE_CHECKING:
+    from ._graph import Lifecycle, Service
+    from ._observe import JobObserver, TaskObserver
+
+__all__ = [
+    "BackgroundStatistics",
+    "BackgroundTask",
+    "PeriodicJob",
+    "PeriodicStatistics",
+    "SupervisorState",
+    "WorkerPool",
+    "WorkerStatistics",
+]
+
+J = TypeVar("J")
+R = TypeVar("R")
+
+logger = logging.getLogger("lifecycle.workers")
+
+Overflow = Literal["wait", "reject"]
+
+
+def _check_positive(what: str, value: float | None, *, allow_none: bool = True) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{what} must be a number, not {value!r}.")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{what} must be a positive, finite number, not {value!r}.")
+
+
+def _check_count(what: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{what} must be a positive integer, not {value!r}.")
+
+
+def _dependencies(
+    fn: Callable[..., Any], kind: str, skip_first: bool
+) -> tuple[list[str], str | None]:
+    """The names of ``fn``'s service parameters (and of its first, job parameter)."""
+    parameters = list(inspect.signature(fn).parameters.values())
+    job_param = None
+    if skip_first:
+        if not parameters or parameters[0].kind in (
+            inspect.Parameter.VAR_POSITIONAL,
+            inspect.Parameter.VAR_KEYWORD,
+            inspect.Parameter.KEYWORD_ONLY,
+        ):
+            raise GraphError(
+                f"The {kind} {getattr(fn, '__qualname__', fn)!r} must take the job as its "
+                f"first positional parameter; its other parameters are services."
+            )
+        job_param = parameters[0].name
+        parameters = parameters[1:]
+    names = []
+    for param in parameters:
+        if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD, param.POSITIONAL_ONLY):
+            raise GraphError(
+                f"The {kind} {getattr(fn, '__qualname__', fn)!r} takes {param.name!r} in a "
+                f"form that cannot receive a service; use plain parameters named after "
+                f"services (or map them with depends=)."
+            )
+        names.append(param.name)
+    return names, job_param
+
+
+def _service_function(
+    body: Callable[[dict[str, Any]], AsyncIterator[Any]], params: list[str]
+) -> Callable[..., AsyncIterator[Any]]:
+    """An async generator service taking ``params`` by keyword and delegating to ``body``."""
+
+    async def service(**deps: Any) -> AsyncIterator[Any]:
+        async for value in body(deps):
+            yield value
+
+    service.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+        [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY) for name in params]
+    )
+    return service
+
+
+@types.coroutine
+def _in_context(
+    context: contextvars.Context, coro: Coroutine[Any, Any, R]
+) -> Generator[Any, Any, R]:
+    """Drive ``coro`` with every step running inside ``context``.
+
+    This is how a job keeps the submitter's context variables (request ids, the tracing
+    context) while running in a long-lived worker task: each step of the coroutine runs in
+    the submitter's copied context, and whatever it yields (a future, a trio trap) goes
+    straight to the event loop.
+    """
+    send: Any = None
+    error: BaseException | None = None
+    while True:
+        try:
+            if error is None:
+                yielded = context.run(coro.send, send)
+            else:
+                yielded = context.run(coro.throw, error)
+        except StopIteration as stop:
+            return stop.value  # type: ignore[no-any-return]
+        try:
+            send, error = (yield yielded), None
+        except BaseException as exc:  # delivered into the job, which decides what to do
+            send, error = None, exc
+
+
+# -- worker pools -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WorkerStatistics:
+    """A snapshot of a worker pool, from `WorkerPool.statistics`.
+
+    ``accepted == completed + failed + abandoned + queued + running`` at any time; once the
+    pool has stopped, ``queued`` and ``running`` are zero.
+
+    Attributes:
+        name: The pool's name.
+        concurrency: How many jobs may run at once.
+        queue_size: How many accepted jobs may wait.
+        queued: Jobs accepted and waiting.
+        running: Jobs running now.
+        accepted: Jobs accepted since the pool started.
+        completed: Jobs whose handler returned.
+        failed: Jobs whose handler raised (or timed out).
+        rejected: Submissions refused because the queue was full.
+        abandoned: Accepted jobs that never finished because the pool stopped.
+        wait_time_total: Seconds jobs spent queued, summed.
+        wait_time_max: The longest time one job spent queued.
+        run_time_total: Seconds handlers ran, summed.
+        run_time_max: The longest run of one handler.
+    """
+
+    name: str
+    concurrency: int
+    queue_size: int
+    queued: int
+    running: int
+    accepted: int
+    completed: int
+    failed: int
+    rejected: int
+    abandoned: int
+    wait_time_total: float
+    wait_time_max: float
+    run_time_total: float
+    run_time_max: float
+
+    @property
+    def mean_wait_time(self) -> float:
+        """Mean seconds a started job had waited in the queue."""
+        started = self.completed + self.failed + self.running
+        return self.wait_time_total / started if started else 0.0
+
+    @property
+    def mean_run_time(self) -> float:
+        """Mean seconds a finished job ran."""
+        finished = self.completed + self.failed
+        return self.run_time_total / finished if finished else 0.0
+
+
+class _Result:
+    """Where `WorkerPool.call` waits for its job's outcome."""
+
+    __slots__ = ("error", "event", "value")
+
+    def __init__(self) -> None:
+        self.event = anyio.Event()
+        self.value: Any = None
+        self.error: BaseException | None = None
+
+
+class _Job:
+    __slots__ = ("context", "counted", "deadline", "enqueued", "payload", "result")
+
+    def __init__(
+        self,
+        payload: Any,
+        context: contextvars.Context,
+        deadline: float,
+        result: _Result | None,
+    ) -> None:
+        self.payload = payload
+        self.context = context
+        self.deadline = deadline
+        self.result = result
+        self.enqueued = time.perf_counter()
+        self.counted = False
+
+
+class WorkerPool(Generic[J, R]):
+    """A bounded pool of workers running a handler on submitted jobs; see `Lifecycle.worker`.
+
+    The pool runs while the app does: submitting before it starts or once it has begun to
+    drain raises `PoolClosed`.
+    """
+
+    def __init__(
+        self,
+        lifecycle: Lifecycle,
+        handler: Callable[..., Any],
+        *,
+        name: str,
+        concurrency: int,
+        queue_size: int,
+        overflow: Overflow,
+        drain_timeout: float | None,
+        job_timeout: float | None,
+        inherit_deadline: bool,
+        cpu_bound: bool,
+        on_abandoned: Callable[[J, str], object] | None,
+        depends: Mapping[str, Service[Any] | str] | None,
+    ) -> None:
+        _check_count("concurrency", concurrency)
+        _check_count("queue_size", queue_size)
+        if overflow not in ("wait", "reject"):
+            raise ValueError(
+                f"overflow must be 'wait' (block until there is room) or 'reject' (raise "
+                f"QueueFull), not {overflow!r}."
+            )
+        _check_positive("drain_timeout", drain_timeout)
+        _check_positive("job_timeout", job_timeout)
+        params, _ = _dependencies(handler, "worker handler", skip_first=True)
+        is_async = inspect.iscoroutinefunction(handler)
+        if cpu_bound and (is_async or params):
+            raise TypeError(
+                f"A cpu_bound worker runs its handler in another process, so {name!r} must be "
+                f"a plain (not async) function taking only the job (and no services)."
+            )
+        self.name = name
+        self.handler = handler
+        self.concurrency = concurrency
+        self.queue_size = queue_size
+        self.overflow = overflow
+        self.drain_timeout = drain_timeout
+        self.job_timeout = job_timeout
+        self.inherit_deadline = inherit_deadline
+        self.cpu_bound = cpu_bound
+        self.on_abandoned = on_abandoned
+        self._is_async = is_async
+        self._deps: dict[str, Any] = {}
+        self._send: MemoryObjectSendStream[_Job] | None = None
+        self._receive: MemoryObjectReceiveStream[_Job] | None = None
+        self._closed_reason = "it has not started: the app's lifespan starts it"
+        self._blocked: set[anyio.CancelScope] = set()
+        self._limiter: anyio.CapacityLimiter | None = None
+        # Metrics and tracing (lifecycle/_observe.py): per-job hooks, None when off.
+        self._observer: JobObserver | None = None
+        self._reset_counters()
+        stop_timeout = None if drain_timeout is None else drain_timeout + 5.0
+        self.service = lifecycle._declare_internal(
+            _service_function(self._serve, params),
+            name=f"worker:{name}",
+            depends={p: (depends or {}).get(p, p) for p in params},
+            stop_timeout=stop_timeout,
+        )
+
+    def __repr__(self) -> str:
+        return f"<WorkerPool {self.name!r} concurrency={self.concurrency}>"
+
+    def _reset_counters(self) -> None:
+        self._running = 0
+        self._accepted = 0
+        self._completed = 0
+        self._failed = 0
+        self._rejected = 0
+        self._abandoned = 0
+        self._wait_total = 0.0
+        self._wait_max = 0.0
+        self._run_total = 0.0
+        self._run_max = 0.0
+
+    # -- submitting -----------------------------------------------------------------------
+
+    def _intake(self) -> MemoryObjectSendStream[_Job]:
+        if self._send is None:
+            raise PoolClosed(
+                f"Worker pool {self.name!r} is not accepting jobs: {self._closed_reason}."
+            )
+        return self._send
+
+    def _job(self, payload: J, result: _Result | None) -> _Job:
+        context = contextvars.copy_context()
+        if self.inherit_deadline:
+            deadline = anyio.current_effective_deadline()
+        else:
+            deadline = math.inf
+            # The job keeps the submitter's context variables, except the request's deadline
+            # that `lifecycle.remaining()` reads in worker threads.
+            if context.get(_request_deadline) is not None:
+                context.run(_request_deadline.set, None)
+        return _Job(payload, context, deadline, result)
+
+    def submit_nowait(self, job: J) -> None:
+        """Queue ``job`` if there is room right now.
+
+        Raises:
+            QueueFull: The queue is full.
+            PoolClosed: The pool is not running (not started yet, or draining).
+        """
+        send = self._intake()
+        item = self._job(job, None)
+        try:
+            send.send_nowait(item)
+        except anyio.WouldBlock:
+            self._rejected += 1
+            raise QueueFull(
+                f"Worker pool {self.name!r} is full ({self.queue_size} jobs queued, "
+                f"{self.concurrency} running); retry later or use `await submit(...)`."
+            ) from None
+        self._count(item)
+
+    async def submit(self, job: J) -> None:
+        """Queue ``job``, waiting for room if the queue is full (``overflow="wait"``).
+
+        With ``overflow="reject"`` a full queue raises `QueueFull` at once.
+
+        Raises:
+            QueueFull: The queue is full and the pool rejects on overflow.
+            PoolClosed: The pool is not running, or began to drain while we waited.
+        """
+        await self._submit(self._job(job, None))
+
+    async def call(self, job: J) -> R:
+        """Queue ``job`` like `submit`, then wait for and return the handler's result.
+
+        The job is app-scoped: if the caller stops waiting (a request's deadline, say), the
+        job still runs.
+
+        Raises:
+            Exception: Whatever the handler raised, as itself.
+            JobAbandoned: The pool stopped before the job finished.
+        """
+        result = _Result()
+        await self._submit(self._job(job, result))
+        await result.event.wait()
+        if result.error is not None:
+            raise result.error
+        return result.value  # type: ignore[no-any-return]
+
+    async def _submit(self, item: _Job) -> None:
+        await anyio.lowlevel.checkpoint()
+        send = self._intake()
+        try:
+            send.send_nowait(item)
+        except anyio.WouldBlock:
+            if self.overflow == "reject":
+                self._rejected += 1
+                raise QueueFull(
+                    f"Worker pool {self.name!r} is full ({self.queue_size} jobs queued); "
+                    f"retry later."
+                ) from None
+        else:
+            self._count(item)
+            return
+        with anyio.CancelScope() as scope:
+            self._blocked.add(scope)
+            try:
+                await send.send(item)
+            except anyio.ClosedResourceError:
+                pass
+            else:
+                self._count(item)
+                return
+            finally:
+                self._blocked.discard(scope)
+        raise PoolClosed(
+            f"Worker pool {self.name!r} stopped accepting jobs while this one waited for "
+            f"room: {self._closed_reason}."
+        )
+
+    def _count(self, item: _Job) -> None:
+        if not item.counted:
+            item.counted = True
+            self._accepted += 1
+
+    # -- running --------------------------------------------------------------------------
+
+    async def _serve(self, deps: dict[str, Any]) -> AsyncIterator[WorkerPool[J, R]]:
+        self._reset_counters()
+        observer = self.service.lifecycle._observer
+        self._observer = observer.worker_pool(self) if observer is not None else None
+        self._deps = deps
+        self._limiter = anyio.CapacityLimiter(self.concurrency) if not self._is_async else None
+        send, receive = anyio.create_memory_object_stream[_Job](self.queue_size)
+        self._receive = receive
+        began = 0.0
+        with anyio.CancelScope() as drain:
+            async with anyio.create_task_group() as workers:
+                for _ in range(self.concurrency):
+                    workers.start_soon(self._worker, receive.clone())
+                self._send = send
+                try:
+                    yield self
+                finally:
+                    # Intake stops first: new submissions, and those waiting for room, get
+                    # PoolClosed. Then the workers drain the queue and end on their own
+                    # (the task group waits for them) unless the drain deadline passes.
+                    self._closed_reason = "it is draining because the app is shutting down"
+                    self._send = None
+                    for scope in list(self._blocked):
+                        scope.cancel()
+                    send.close()
+                    began = time.perf_counter()
+                    queued = receive.statistics().current_buffer_used
+                    if queued or self._running:
+                        logger.info(
+                            "Worker pool %r draining: %d queued, %d running",
+                            self.name,
+                            queued,
+                            self._running,
+                            extra={"pool": self.name, "phase": "drain"},
+                        )
+                    if self.drain_timeout is not None:
+                        drain.deadline = anyio.current_time() + self.drain_timeout
+        # Past the deadline the running jobs were cancelled (and counted abandoned); what
+        # is still queued is abandoned too.
+        leftover: list[_Job] = []
+        with receive, contextlib.suppress(anyio.WouldBlock, anyio.EndOfStream):
+            while True:
+                leftover.append(receive.receive_nowait())
+        for item in leftover:
+            self._abandon(item, "the drain_timeout ran out before it started")
+        self._closed_reason = "the app has stopped"
+        if drain.cancelled_caught:
+            logger.warning(
+                "Worker pool %r did not drain within its drain_timeout of %ss: running jobs "
+                "were cancelled and %d queued jobs abandoned",
+                self.name,
+                self.drain_timeout,
+                len(leftover),
+                extra={"pool": self.name, "phase": "drain"},
+            )
+        else:
+            logger.debug(
+                "Worker pool %r drained in %.1fms",
+                self.name,
+                (time.perf_counter() - began) * 1000,
+                extra={"pool": self.name, "phase": "drain"},
+            )
+
+    async def _worker(self, receive: MemoryObjectReceiveStream[_Job]) -> None:
+        async with receive:
+            async for item in receive:
+                self._count(item)
+                await self._run(item)
+
+    async def _run(self, item: _Job) -> None:
+        began = time.perf_counter()
+        waited = began - item.enqueued
+        self._wait_total += waited
+        if waited > self._wait_max:
+            self._wait_max = waited
+        observer = self._observer
+        if observer is not None:
+            observer.started(waited)
+        self._running += 1
+        try:
+            try:
+                value = await self._invoke(item)
+            finally:
+                self._running -= 1
+                ran = time.perf_counter() - began
+                self._run_total += ran
+                if ran > self._run_max:
+                    self._run_max = ran
+                if observer is not None:
+                    observer.finished(ran)
+        except Exception as exc:
+            self._failed += 1
+            logger.error(
+                "Worker pool %r: job %r failed: %s",
+                self.name,
+                item.payload,
+                exc,
+                exc_info=exc,
+                extra={"pool": self.name, "job": repr(item.payload)},
+            )
+            if item.result is not None:
+                item.result.error = exc
+                item.result.event.set()
+        except BaseException:
+            # Cancelled: the drain deadline passed while the job ran.
+            self._abandon(item, "it was cancelled when the drain_timeout ran out")
+            raise
+        else:
+            self._completed += 1
+            if item.result is not None:
+                item.result.value = value
+                item.result.event.set()
+
+    async def _invoke(self, item: _Job) -> Any:
+        deadline = item.deadline
+        if self.job_timeout is not None:
+            deadline = min(deadline, anyio.current_time() + self.job_timeout)
+        job = self._call(item.payload)
+        if self._observer is not None:
+            job = self._observer.wrap(item.payload, job)  # a span, run in the job's context
+        if deadline == math.inf:
+            return await _in_context(item.context, job)
+        with anyio.CancelScope(deadline=deadline) as scope:
+            return await _in_context(item.context, job)
+        raise TimeoutError(
+            f"Job {item.payload!r} of worker pool {self.name!r} ran out of time "
+            f"({'its job_timeout' if self.job_timeout else 'the deadline it inherited'})."
+            if scope.cancelled_caught
+            else f"Job {item.payload!r} was cancelled."
+        )
+
+    def _call(self, payload: Any) -> Coroutine[Any, Any, Any]:
+        if self._is_async:
+            return self.handler(payload, **self._deps)  # type: ignore[no-any-return]
+        if self.cpu_bound:
+            return anyio.to_process.run_sync(self.handler, payload, cancellable=True)
+        handler = self.handler
+        deps = self._deps
+        return anyio.to_thread.run_sync(lambda: handler(payload, **deps), limiter=self._limiter)
+
+    def _abandon(self, item: _Job, why: str) -> None:
+        self._count(item)
+        self._abandoned += 1
+        if item.result is not None:
+            item.result.error = JobAbandoned(
+                f"Job {item.payload!r} of worker pool {self.name!r} was abandoned: {why}."
+            )
+            item.result.event.set()
+        if self.on_abandoned is not None:
+            try:
+                self.on_abandoned(item.payload, why)
+            except Exception:
+                logger.exception("on_abandoned of worker pool %r raised", self.name)
+        else:
+            logger.warning(
+                "Worker pool %r abandoned job %r: %s",
+                self.name,
+                item.payload,
+                why,
+                extra={"pool": self.name, "job": repr(item.payload)},
+            )
+
+    # -- inspecting -----------------------------------------------------------------------
+
+    def statistics(self) -> WorkerStatistics:
+        """A frozen snapshot of the pool's counters."""
+        receive = self._receive
+        queued = 0
+        if receive is not None and self._closed_reason != "the app has stopped":
+            queued = receive.statistics().current_buffer_used
+        return WorkerStatistics(
+            name=self.name,
+            concurrency=self.concurrency,
+            queue_size=self.queue_size,
+            queued=queued,
+            running=self._running,
+            accepted=self._accepted,
+            completed=self._completed,
+            failed=self._failed,
+            rejected=self._rejected,
+            abandoned=self._abandoned,
+            wait_time_total=self._wait_total,
+            wait_time_max=self._wait_max,
+            run_time_total=self._run_total,
+            run_time_max=self._run_max,
+        )
+
+
+# -- supervised tasks ---------------------------------------------------------------------
+
+
+class SupervisorState(enum.Enum):
+    """Where a supervised background task is."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    BACKOFF = "backoff"  # waiting before a restart
+    EXITED = "exited"  # returned or failed, and its policy does not restart it
+    GAVE_UP = "gave up"  # restarted too often within the window; escalated
+    STOPPED = "stopped"
+
+
+Restart = Literal["always", "on_failure", "never"]
+Escalation = Literal["fail_health", "shutdown"]
+
+
+@dataclass(frozen=True)
+class BackgroundStatistics:
+    """A snapshot of a supervised task, from `BackgroundTask.statistics`.
+
+    Attributes:
+        name: The task's name.
+        state: Where it is.
+        starts: How many times it has been started (1 + restarts).
+        restarts: How many times it was restarted.
+        failures: How many of its runs raised.
+        last_error: A one-line description of its last failure, if any.
+        next_restart_in: Seconds until the next restart while in backoff, else ``None``.
+    """
+
+    name: str
+    state: SupervisorState
+    starts: int
+    restarts: int
+    failures: int
+    last_error: str | None
+    next_restart_in: float | None
+
+
+class BackgroundTask:
+    """A supervised long-running task; see `Lifecycle.background`."""
+
+    def __init__(
+        self,
+        lifecycle: Lifecycle,
+        fn: Callable[..., Awaitable[Any]],
+        *,
+        name: str,
+        restart: Restart,
+        max_restarts: int,
+        within: float,
+        backoff_base: float,
+        backoff_max: float,
+        on_give_up: Escalation,
+        stop_timeout: float | None,
+        depends: Mapping[str, Service[Any] | str] | None,
+    ) -> None:
+        if not inspect.iscoroutinefunction(fn):
+            raise TypeError(f"@lc.background needs an async function; {name!r} is not one.")
+        if restart not in ("always", "on_failure", "never"):
+            raise ValueError(f"restart must be 'always', 'on_failure' or 'never', not {restart!r}.")
+        if on_give_up not in ("fail_health", "shutdown"):
+            raise ValueError(
+                f"on_give_up must be 'fail_health' (readiness and liveness fail) or "
+                f"'shutdown' (the server is asked to stop), not {on_give_up!r}."
+            )
+        if isinstance(max_restarts, bool) or not isinstance(max_restarts, int) or max_restarts < 0:
+            raise ValueError(f"max_restarts must be an integer >= 0, not {max_restarts!r}.")
+        _check_positive("within", within, allow_none=False)
+        _check_positive("backoff_base", backoff_base, allow_none=False)
+        _check_positive("backoff_max", backoff_max, allow_none=False)
+        params, _ = _dependencies(fn, "background task", skip_first=False)
+        self.name = name
+        self.fn = fn
+        self.restart = restart
+        self.max_restarts = max_restarts
+        self.within = within
+        self.backoff_base = backoff_base
+        self.backoff_max = backoff_max
+        self.on_give_up = on_give_up
+        self._observer: TaskObserver | None = None  # metrics and tracing (_observe.py)
+        self._reset()
+        self.service = lifecycle._declare_internal(
+            _service_function(self._serve, params),
+            name=f"background:{name}",
+            depends={p: (depends or {}).get(p, p) for p in params},
+            stop_timeout=stop_timeout,
+        )
+        # Readiness (and, with on_give_up="fail_health", liveness) reflect the supervisor:
+        # warn while it backs off, fail once it has given up.
+        lifecycle.health.register_component(
+            f"background:{name}",
+            self._health,
+            affects_readiness=True,
+            affects_liveness=on_give_up == "fail_health",
+        )
+
+    def __repr__(self) -> str:
+        return f"<BackgroundTask {self.name!r} {self.state.value}>"
+
+    def _reset(self) -> None:
+        self.state = SupervisorState.PENDING
+        self._starts = 0
+        self._failures = 0
+        self._last_error: str | None = None
+        self._restart_times: deque[float] = deque()
+        self._next_restart_at: float | None = None
+
+    @property
+    def gave_up(self) -> bool:
+        """Whether it was restarted too often and its supervisor gave up."""
+        return self.state is SupervisorState.GAVE_UP
+
+    def _health(self) -> CheckResult:
+        if self.state is SupervisorState.GAVE_UP:
+            return CheckResult(
+                HealthStatus.FAIL,
+                f"Background task {self.name!r} restarted {self.max_restarts} times within "
+                f"{self.within}s and was given up; last error: {self._last_error}",
+            )
+        if self.state is SupervisorState.BACKOFF:
+            return CheckResult(
+                HealthStatus.WARN,
+                f"Background task {self.name!r} is restarting after: {self._last_error}",
+            )
+        return CheckResult(HealthStatus.PASS)
+
+    def delay(self, attempt: int) -> float:
+        """The backoff before restart number ``attempt`` (1-based): full jitter under a cap."""
+        cap = min(self.backoff_max, self.backoff_base * 2 ** (attempt - 1))
+        return random.uniform(0, cap)  # noqa: S311 - jitter, not cryptography
+
+    async def _serve(self, deps: dict[str, Any]) -> AsyncIterator[BackgroundTask]:
+        self._reset()
+        observer = self.service.lifecycle._observer
+        self._observer = observer.background_task(self) if observer is not None else None
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._supervise, deps)
+            yield self
+            tg.cancel_scope.cancel()
+        if self.state not in (SupervisorState.GAVE_UP, SupervisorState.EXITED):
+            self.state = SupervisorState.STOPPED
+
+    async def _supervise(self, deps: dict[str, Any]) -> None:
+        while True:
+            self.state = SupervisorState.RUNNING
+            self._starts += 1
+            failed = False
+            try:
+                await self.fn(**deps)
+            except Exception as exc:
+                failed = True
+                self._failures += 1
+                self._last_error = f"{type(exc).__name__}: {exc}"
+                logger.error(
+                    "Background task %r failed: %s",
+                    self.name,
+                    exc,
+                    exc_info=exc,
+                    extra={"task": self.name, "phase": "run"},
+                )
+            else:
+                logger.warning("Background task %r returned", self.name, extra={"task": self.name})
+            if self.restart == "never" or (self.restart == "on_failure" and not failed):
+                self.state = SupervisorState.EXITED
+                return
+            now = anyio.current_time()
+            while self._restart_times and self._restart_times[0] <= now - self.within:
+                self._restart_times.popleft()
+            if len(self._restart_times) >= self.max_restarts:
+                self._give_up()
+                return
+            self._restart_times.append(now)
+            delay = self.delay(len(self._restart_times))
+            self.state = SupervisorState.BACKOFF
+            self._next_restart_at = now + delay
+            logger.info(
+                "Background task %r restarts in %.3fs (restart %d within %ss)",
+                self.name,
+                delay,
+                len(self._restart_times),
+                self.within,
+                extra={"task": self.name, "phase": "restart"},
+            )
+            if self._observer is None:
+                await anyio.sleep(delay)
+            else:
+                restart = len(self._restart_times)
+                error = self._last_error if failed else None
+                with self._observer.restarting(restart, delay, error):
+                    await anyio.sleep(delay)
+            self._next_restart_at = None
+
+    def _give_up(self) -> None:
+        self.state = SupervisorState.GAVE_UP
+        logger.error(
+            "Background task %r restarted %d times within %ss; giving up (%s)",
+            self.name,
+            self.max_restarts,
+            self.within,
+            "readiness and liveness fail"
+            if self.on_give_up == "fail_health"
+            else "asking the server to shut down",
+            extra={"task": self.name, "phase": "give-up"},
+        )
+        if self.on_give_up == "shutdown":
+            # uvicorn (and most servers) shut down gracefully on SIGTERM.
+            signal.raise_signal(signal.SIGTERM)
+
+    def statistics(self) -> BackgroundStatistics:
+        """A frozen snapshot of the supervisor's state."""
+        next_in = None
+        if self._next_restart_at is not None:
+            with contextlib.suppress(Exception):  # no event loop: no countdown
+                next_in = max(0.0, self._next_restart_at - anyio.current_time())
+        return BackgroundStatistics(
+            name=self.name,
+            state=self.state,
+            starts=self._starts,
+            restarts=max(0, self._starts - 1),
+            failures=self._failures,
+            last_error=self._last_error,
+            next_restart_in=next_in,
+        )
+
+
+# -- periodic jobs ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PeriodicStatistics:
+    """A snapshot of a periodic job, from `PeriodicJob.statistics`.
+
+    Attributes:
+        name: The job's name.
+        runs: Runs started.
+        failures: Runs that raised.
+        timeouts: Runs cut off by the job's timeout.
+        running: Whether a run is in progress.
+        last_duration: Seconds the last finished run took, if any.
+        last_error: A one-line description of the last failure, if any.
+    """
+
+    name: str
+    runs: int
+    failures: int
+    timeouts: int
+    running: bool
+    last_duration: float | None
+    last_error: str | None
+
+
+class PeriodicJob:
+    """A job run every period, never overlapping itself; see `Lifecycle.periodic`."""
+
+    def __init__(
+        self,
+        lifecycle: Lifecycle,
+        fn: Callable[..., Awaitable[Any]],
+        *,
+        name: str,
+        every: float,
+        jitter: float,
+        timeout: float | None,
+        first_run: Literal["now", "after_period"],
+        stop_timeout: float | None,
+        depends: Mapping[str, Service[Any] | str] | None,
+    ) -> None:
+        if not inspect.iscoroutinefunction(fn):
+            raise TypeError(f"@lc.periodic needs an async function; {name!r} is not one.")
+        _check_positive("every", every, allow_none=False)
+        if (
+            isinstance(jitter, bool)
+            or not isinstance(jitter, int | float)
+            or not (0 <= jitter < math.inf)
+        ):
+            raise ValueError(f"jitter must be a number of seconds >= 0, not {jitter!r}.")
+        _check_positive("timeout", timeout)
+        if first_run not in ("now", "after_period"):
+            raise ValueError(f"first_run must be 'now' or 'after_period', not {first_run!r}.")
+        params, _ = _dependencies(fn, "periodic job", skip_first=False)
+        self.name = name
+        self.fn = fn
+        self.every = every
+        self.jitter = jitter
+        self.timeout = timeout
+        self.first_run = first_run
+        self._observer: TaskObserver | None = None  # metrics and tracing (_observe.py)
+        self._reset()
+        self.service = lifecycle._declare_internal(
+            _service_function(self._serve, params),
+            name=f"periodic:{name}",
+            depends={p: (depends or {}).get(p, p) for p in params},
+            stop_timeout=stop_timeout,
+        )
+
+    def __repr__(self) -> str:
+        return f"<PeriodicJob {self.name!r} every {self.every}s>"
+
+    def _reset(self) -> None:
+        self._runs = 0
+        self._failures = 0
+        self._timeouts = 0
+        self._running = False
+        self._last_duration: float | None = None
+        self._last_error: str | None = None
+        self._idle: anyio.Event | None = None
+
+    async def _serve(self, deps: dict[str, Any]) -> AsyncIterator[PeriodicJob]:
+        self._reset()
+        observer = self.service.lifecycle._observer
+        self._observer = observer.periodic_job(self) if observer is not None else None
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._loop, deps)
+            yield self
+            # Let a run in progress finish (within the service's stop deadline), then stop.
+            if self._running:
+                self._idle = anyio.Event()
+                await self._idle.wait()
+            tg.cancel_scope.cancel()
+
+    async def _loop(self, deps: dict[str, Any]) -> None:
+        next_at = anyio.current_time() + (0.0 if self.first_run == "now" else self.every)
+        while True:
+            wait = next_at - anyio.current_time()
+            if self.jitter:
+                wait += random.uniform(0, self.jitter)  # noqa: S311 - jitter
+            await anyio.sleep(max(0.0, wait))
+            await self._run_once(deps)
+            # Missed periods (a run longer than the period) are skipped, never bunched up.
+            next_at = max(next_at + self.every, anyio.current_time())
+
+    async def _run_once(self, deps: dict[str, Any]) -> None:
+        self._runs += 1
+        self._running = True
+        began = anyio.current_time()
+        try:
+            with anyio.fail_after(self.timeout):
+                run = self.fn(**deps)
+                await (run if self._observer is None else self._observer.wrap(run))
+        except TimeoutError as exc:
+            self._timeouts += 1
+            self._last_error = f"timed out after {self.timeout}s"
+            logger.error(
+                "Periodic job %r timed out after %ss",
+                self.name,
+                self.timeout,
+                exc_info=exc,
+                extra={"job": self.name},
+            )
+        except Exception as exc:
+            self._failures += 1
+            self._last_error = f"{type(exc).__name__}: {exc}"
+            logger.error(
+                "Periodic job %r failed: %s",
+                self.name,
+                exc,
+                exc_info=exc,
+                extra={"job": self.name},
+            )
+        finally:
+            self._running = False
+            self._last_duration = anyio.current_time() - began
+            if self._idle is not None:
+                self._idle.set()
+
+    def statistics(self) -> PeriodicStatistics:
+        """A frozen snapshot of the job's counters."""
+        return PeriodicStatistics(
+            name=self.name,
+            runs=self._runs,
+            failures=self._failures,
+            timeouts=self._timeouts,
+            running=self._running,
+            last_duration=self._last_duration,
+            last_error=self._last_error,
+        )

@@ -1,0 +1,311 @@
+"""Starlette integration: routes and exception handlers.
+
+Thin adapters over the framework-free core.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING
+
+import anyio
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from .exceptions import PoolClosed, QueueFull
+
+if TYPE_CHECKING:
+    from ._graph import Lifecycle
+
+__all__ = ["drain_route", "exception_handlers"]
+
+# -- background work ----------------------------------------------------------------------
+
+
+def exception_handlers(
+    *, retry_after: int = 1
+) -> Mapping[type[Exception], Callable[[Request, Exception], Awaitable[Response]]]:
+    """Exception handlers turning overload into ``503 Service Unavailable``.
+
+    `QueueFull` (a worker pool or queue is full) and `PoolClosed` (the app is draining)
+    become a 503 with ``Retry-After`` and an ``application/problem+json`` body. Pass them to
+    ``Starlette(exception_handlers=...)`` or ``FastAPI(exception_handlers=...)``, or add them
+    one by one with ``app.add_exception_handler``.
+
+    Args:
+        retry_after: Seconds the client should wait before retrying.
+
+    Returns:
+        A mapping from exception class to handler.
+    """
+    if isinstance(retry_after, bool) or not isinstance(retry_after, int) or retry_after < 0:
+        raise ValueError(f"retry_after must be whole seconds >= 0, not {retry_after!r}.")
+
+    async def overloaded(request: Request, exc: Exception) -> Response:
+        full = isinstance(exc, QueueFull)
+        body = {
+            "type": "about:blank",
+            "title": "Service Unavailable",
+            "status": 503,
+            "detail": (
+                "The server is at capacity; retry later."
+                if full
+                else "The server is shutting down; retry on another instance."
+            ),
+        }
+        return Response(
+            json.dumps(body),
+            status_code=503,
+            media_type="application/problem+json",
+            headers={"Retry-After": str(retry_after)},
+        )
+
+    return {QueueFull: overloaded, PoolClosed: overloaded}
+
+
+# -- drain --------------------------------------------------------------------------------
+
+
+def drain_route(lifecycle: Lifecycle, *, token: str, path: str = "/drain") -> Route:
+    """An authenticated ``POST`` route that begins the graceful drain, for a preStop hook.
+
+    The call fails readiness at once (`Lifecycle.begin_drain`), then answers once
+    ``drain_delay`` has passed since the drain began, so a Kubernetes ``preStop`` HTTP hook
+    holds SIGTERM back for exactly the delay; the SIGTERM that follows is handed straight to
+    the server. It needs ``Authorization: Bearer <token>``; anything else gets 401.
+
+    Add it with ``Starlette(routes=[drain_route(lc, token=...)])`` or, on FastAPI,
+    ``app.router.routes.append(drain_route(lc, token=...))``.
+
+    Args:
+        lifecycle: The app's `Lifecycle`.
+        token: The shared secret callers must present; keep it out of the image (an
+            environment variable from a Kubernetes Secret, say).
+        path: Where to mount the route.
+
+    Returns:
+        The route.
+    """
+    if not isinstance(token, str) or len(token) < 16:
+        raise ValueError(
+            "drain_route needs a token of at least 16 characters, so that the drain cannot be "
+            "triggered by guessing; generate one with `python -c 'import secrets; "
+            "print(secrets.token_urlsafe())'`."
+        )
+    expected = f"Bearer {token}".encode()
+
+    async def drain(request: Request) -> Response:
+        presented = request.headers.get("authorization", "").encode()
+        if not hmac.compare_digest(presented, expected):
+            return JSONResponse(
+                {"title": "Unauthorized", "status": 401},
+                status_code=401,
+                headers={"WWW-Authenticate": "Bearer"},
+                media_type="application/problem+json",
+            )
+        lifecycle.begin_drain()
+        began = lifecycle.drain_began
+        remaining = 0.0 if began is None else began + lifecycle.drain_delay - time.monotonic()
+        if remaining > 0:
+            await anyio.sleep(remaining)
+        return JSONResponse({"draining": True, "drain_delay": lifecycle.drain_delay})
+
+    return Route(path, drain, methods=["POST"], name="lifecycle_drain")
+
+
+# -- health -------------------------------------------------------------------------------
+# Imported here rather than at the top so that this section stays self-contained.
+import logging  # noqa: E402
+
+from ._health import HEALTH_JSON, HealthReport, HealthStatus  # noqa: E402
+
+__all__ += ["health_routes"]
+
+_health_logger = logging.getLogger("lifecycle.health")
+_NO_STORE = {"Cache-Control": "no-store"}
+
+
+def health_routes(
+    lifecycle: Lifecycle,
+    *,
+    livez: str | None = "/livez",
+    readyz: str | None = "/readyz",
+    startupz: str | None = "/startupz",
+    healthz: str | None = "/healthz",
+    details_token: str | None = None,
+    show_details: Callable[[Request], bool] | None = None,
+    status_codes: Mapping[HealthStatus, int] | None = None,
+) -> list[Route]:
+    """The probe routes: liveness, readiness, startup and the full health report.
+
+    - ``/livez``: the process and its event loop are healthy (never a dependency);
+    - ``/readyz``: startup finished, no drain begun, every critical check passing, nothing
+      registered for readiness failing (a supervised task that gave up);
+    - ``/startupz``: startup finished;
+    - ``/healthz``: everything, non-critical checks included.
+
+    Each ``GET`` (and ``HEAD``) answers from cached state, without awaiting anything, with an
+    ``application/health+json`` body and ``Cache-Control: no-store``: ``200`` for ``pass``
+    and ``warn``, ``503`` for ``fail`` (see ``status_codes``). Error text and observed values
+    are left out unless the request presents ``Authorization: Bearer <details_token>`` or
+    ``show_details(request)`` returns true, since a failing check's message may hold a
+    connection string.
+
+    Add them with ``Starlette(routes=[*health_routes(lc), ...])``. The default paths are in
+    the default exempt paths of `lifecycle.DeadlineMiddleware` and
+    `lifecycle.ConcurrencyLimitMiddleware`; pass other paths in their ``exempt_paths`` too.
+
+    Args:
+        lifecycle: The app's `Lifecycle`; call this before it starts.
+        livez: Path of the liveness probe, or ``None`` for none.
+        readyz: Path of the readiness probe, or ``None`` for none.
+        startupz: Path of the startup probe, or ``None`` for none.
+        healthz: Path of the full report, or ``None`` for none.
+        details_token: A secret of at least 16 characters; requests presenting it as a
+            bearer token see the details.
+        show_details: A predicate on the request; requests for which it returns true see the
+            details (``lambda request: True`` shows them to everyone, for local development).
+        status_codes: HTTP status per health status, overriding the defaults
+            (``{PASS: 200, WARN: 200, FAIL: 503}``).
+
+    Returns:
+        The routes, in the order above.
+
+    Raises:
+        TypeError: A ``status_codes`` key is not a `lifecycle.HealthStatus`.
+        ValueError: A path does not start with ``/``, the token is too short, or a status
+            code is not an HTTP status.
+    """
+    monitor = lifecycle.health
+    codes = {HealthStatus.PASS: 200, HealthStatus.WARN: 200, HealthStatus.FAIL: 503}
+    for status, code in (status_codes or {}).items():
+        if not isinstance(status, HealthStatus):
+            raise TypeError(f"status_codes keys must be lifecycle.HealthStatus, not {status!r}.")
+        if isinstance(code, bool) or not isinstance(code, int) or not 100 <= code <= 599:
+            raise ValueError(f"status_codes[{status}] must be an HTTP status code, not {code!r}.")
+        codes[status] = code
+    expected: bytes | None = None
+    if details_token is not None:
+        if not isinstance(details_token, str) or len(details_token) < 16:
+            raise ValueError(
+                "details_token must be a string of at least 16 characters, so that it cannot "
+                "be guessed; generate one with `python -c 'import secrets; "
+                "print(secrets.token_urlsafe())'`."
+            )
+        expected = f"Bearer {details_token}".encode()
+
+    def may_see_details(request: Request) -> bool:
+        if expected is not None:
+            presented = request.headers.get("authorization", "").encode()
+            if hmac.compare_digest(presented, expected):
+                return True
+        if show_details is not None:
+            try:
+                return bool(show_details(request))
+            except Exception as exc:
+                _health_logger.error(
+                    "show_details raised %r; details are hidden from this request.",
+                    exc,
+                    exc_info=exc,
+                )
+        return False
+
+    def answer(report: HealthReport, request: Request) -> Response:
+        return Response(
+            report.to_json(details=may_see_details(request)),
+            status_code=codes[report.status],
+            media_type=HEALTH_JSON,
+            headers=_NO_STORE,
+        )
+
+    async def live(request: Request) -> Response:
+        return answer(monitor.liveness(), request)
+
+    async def ready(request: Request) -> Response:
+        return answer(monitor.readiness(), request)
+
+    async def started(request: Request) -> Response:
+        return answer(monitor.startup(), request)
+
+    async def health(request: Request) -> Response:
+        report = monitor.report()
+        if not may_see_details(request):
+            return answer(report, request)
+        # With details, the full report also shows the start/stop timeline as a Gantt chart.
+        body = report.to_dict(details=True)
+        body["timeline"] = lifecycle.timeline().gantt().splitlines()
+        return Response(
+            json.dumps(body),
+            status_code=codes[report.status],
+            media_type=HEALTH_JSON,
+            headers=_NO_STORE,
+        )
+
+    routes = []
+    for path, endpoint, name in (
+        (livez, live, "lifecycle_livez"),
+        (readyz, ready, "lifecycle_readyz"),
+        (startupz, started, "lifecycle_startupz"),
+        (healthz, health, "lifecycle_healthz"),
+    ):
+        if path is None:
+            continue
+        if not isinstance(path, str) or not path.startswith("/"):
+            raise ValueError(f"Health route paths must start with '/', not {path!r}.")
+        routes.append(Route(path, endpoint, methods=["GET"], name=name))
+    return routes
+
+
+# -- metrics ------------------------------------------------------------------------------
+# Imported here rather than at the top so that this section stays self-contained.
+if TYPE_CHECKING:
+    from prometheus_client.registry import CollectorRegistry
+
+__all__ += ["metrics_route"]
+
+
+def metrics_route(registry: CollectorRegistry | None = None, *, path: str = "/metrics") -> Route:
+    """A ``GET`` route serving a prometheus-client registry for Prometheus to scrape.
+
+    The exposition format follows the scraper's ``Accept`` header (the Prometheus text
+    format, or OpenMetrics when asked for), ``?name[]=...`` restricts the answer to some
+    metrics, and every answer carries ``Cache-Control: no-store``. Pair it with
+    `lifecycle.instrument_metrics`::
+
+        metrics = lifecycle.instrument_metrics(lc, registry=registry)
+        app = Starlette(lifespan=lc.lifespan, routes=[metrics_route(registry)])
+
+    The default exempt paths of `lifecycle.DeadlineMiddleware` and
+    `lifecycle.ConcurrencyLimitMiddleware` include ``/metrics``, so a saturated service still
+    answers its scraper.
+
+    Args:
+        registry: The registry to serve; ``None`` for prometheus-client's default
+            ``REGISTRY``.
+        path: Where to mount the route.
+
+    Returns:
+        The route.
+
+    Raises:
+        ImportError: prometheus-client is not installed (``pip install 'lifecycle[metrics]'``).
+    """
+    from ._metrics import _require_prometheus
+
+    _require_prometheus()
+    from prometheus_client import REGISTRY
+    from prometheus_client.exposition import choose_encoder
+
+    source = registry if registry is not None else REGISTRY
+
+    async def metrics(request: Request) -> Response:
+        encoder, content_type = choose_encoder(request.headers.get("accept", ""))
+        names = request.query_params.getlist("name[]")
+        body = encoder(source.restricted_registry(names) if names else source)
+        return Response(body, headers={"Content-Type": content_type, "Cache-Control": "no-store"})
+
+    return Route(path, metrics, methods=["GET"], name="lifecycle_metrics")

@@ -1,0 +1,207 @@
+"""Admission control: ConcurrencyLimitMiddleware bounds the requests in flight."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse
+from starlette.routing import Route
+
+import lifecycle
+
+pytestmark = pytest.mark.anyio
+
+
+class Gate:
+    """Requests to /work enter and wait here until the test opens the gate."""
+
+    def __init__(self) -> None:
+        self.open = anyio.Event()
+        self.entered = 0
+
+    async def work(self, request: Request) -> PlainTextResponse:
+        self.entered += 1
+        await self.open.wait()
+        return PlainTextResponse("done")
+
+
+async def probe(request: Request) -> PlainTextResponse:
+    return PlainTextResponse("alive")
+
+
+async def broken(request: Request) -> PlainTextResponse:
+    raise RuntimeError("bug")
+
+
+def limited(gate: Gate, **options: Any) -> lifecycle.ConcurrencyLimitMiddleware:
+    routes = [Route("/work", gate.work), Route("/healthz", probe), Route("/broken", broken)]
+    return lifecycle.ConcurrencyLimitMiddleware(Starlette(routes=routes), **options)
+
+
+def client(app: Any) -> httpx.AsyncClient:
+    return httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app, raise_app_exceptions=False),
+        base_url="http://test",
+    )
+
+
+async def wait_until(condition: Callable[[], bool]) -> None:
+    # The middleware has no hook that says "a request is now waiting": poll its statistics.
+    with anyio.fail_after(5):
+        while not condition():  # noqa: ASYNC110
+            await anyio.sleep(0.001)
+
+
+def assert_overloaded(response: httpx.Response, retry_after: str = "1") -> None:
+    assert response.status_code == 503
+    assert response.headers["retry-after"] == retry_after
+    assert response.headers["content-type"] == "application/problem+json"
+    problem = response.json()
+    assert problem["type"] == lifecycle.OVERLOADED_TYPE
+    assert problem["status"] == 503
+
+
+async def test_past_the_limit_requests_are_rejected_with_retry_after() -> None:
+    gate = Gate()
+    app = limited(gate, max_concurrency=2, max_wait=0, retry_after=3)
+    statuses: list[int] = []
+    async with client(app) as http, anyio.create_task_group() as tg:
+
+        async def call() -> None:
+            statuses.append((await http.get("/work")).status_code)
+
+        tg.start_soon(call)
+        tg.start_soon(call)
+        await wait_until(lambda: gate.entered == 2)
+        assert_overloaded(await http.get("/work"), retry_after="3")
+        assert app.statistics().in_flight == 2
+        gate.open.set()
+    assert statuses == [200, 200]
+    stats = app.statistics()
+    assert (stats.admitted, stats.rejected, stats.in_flight, stats.waited) == (2, 1, 0, 0)
+
+
+async def test_a_request_waits_for_a_slot_within_max_wait() -> None:
+    gate = Gate()
+    app = limited(gate, max_concurrency=1, max_wait=5.0)
+    statuses: list[int] = []
+    async with client(app) as http, anyio.create_task_group() as tg:
+
+        async def call() -> None:
+            statuses.append((await http.get("/work")).status_code)
+
+        tg.start_soon(call)
+        await wait_until(lambda: gate.entered == 1)
+        tg.start_soon(call)
+        await wait_until(lambda: app.statistics().waiting == 1)
+        assert gate.entered == 1  # the second one is waiting, not running
+        gate.open.set()
+    assert statuses == [200, 200]
+    stats = app.statistics()
+    assert (stats.admitted, stats.waited, stats.rejected, stats.waiting) == (2, 1, 0, 0)
+
+
+async def test_a_wait_that_runs_out_is_a_503() -> None:
+    gate = Gate()
+    app = limited(gate, max_concurrency=1, max_wait=0.05)
+    async with client(app) as http, anyio.create_task_group() as tg:
+        tg.start_soon(http.get, "/work")
+        await wait_until(lambda: gate.entered == 1)
+        assert_overloaded(await http.get("/work"))
+        gate.open.set()
+    assert app.statistics().waiting == 0
+
+
+async def test_the_line_of_waiting_requests_is_bounded() -> None:
+    gate = Gate()
+    app = limited(gate, max_concurrency=1, max_waiting=1, max_wait=5.0)
+    async with client(app) as http, anyio.create_task_group() as tg:
+        tg.start_soon(http.get, "/work")
+        await wait_until(lambda: gate.entered == 1)
+        tg.start_soon(http.get, "/work")
+        await wait_until(lambda: app.statistics().waiting == 1)
+        assert_overloaded(await http.get("/work"))  # the line is full: no wait at all
+        gate.open.set()
+    stats = app.statistics()
+    assert (stats.admitted, stats.rejected) == (2, 1)
+
+
+async def test_health_probes_and_other_scopes_are_exempt() -> None:
+    gate = Gate()
+    app = limited(gate, max_concurrency=1, max_wait=0)
+    async with client(app) as http, anyio.create_task_group() as tg:
+        tg.start_soon(http.get, "/work")
+        await wait_until(lambda: gate.entered == 1)
+        assert (await http.get("/healthz")).text == "alive"
+        gate.open.set()
+
+    seen: list[str] = []
+
+    async def inner(scope: Any, receive: Any, send: Any) -> None:
+        seen.append(scope["type"])
+
+    passthrough = lifecycle.ConcurrencyLimitMiddleware(inner, max_concurrency=1)
+    await passthrough({"type": "lifespan"}, None, None)  # type: ignore[arg-type]
+    assert seen == ["lifespan"]
+
+
+async def test_errors_and_cancellations_give_the_slot_back() -> None:
+    gate = Gate()
+    app = limited(gate, max_concurrency=1, max_wait=5.0)
+    async with client(app) as http:
+        assert (await http.get("/broken")).status_code == 500
+        assert app.statistics().in_flight == 0
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(http.get, "/work")
+            await wait_until(lambda: gate.entered == 1)
+            tg.start_soon(http.get, "/work")
+            await wait_until(lambda: app.statistics().waiting == 1)
+            tg.cancel_scope.cancel()  # a running and a waiting request are cancelled
+        stats = app.statistics()
+        assert (stats.in_flight, stats.waiting) == (0, 0)
+
+        gate.open.set()
+        assert (await http.get("/work")).status_code == 200  # the slot was not leaked
+
+
+async def test_time_spent_waiting_counts_against_the_request_deadline() -> None:
+    gate = Gate()
+    limiter = limited(gate, max_concurrency=1, max_wait=10.0)
+    app = lifecycle.DeadlineMiddleware(limiter)
+    async with client(app) as http, anyio.create_task_group() as tg:
+        tg.start_soon(http.get, "/work")
+        await wait_until(lambda: gate.entered == 1)
+        response = await http.get("/work", headers={"x-request-timeout-ms": "60"})
+        assert response.status_code == 504  # the deadline, not the limiter, ended the wait
+        assert response.headers[lifecycle.DEADLINE_EXPIRED_HEADER] == "1"
+        gate.open.set()
+    stats = limiter.statistics()
+    assert (stats.waiting, stats.rejected, stats.admitted) == (0, 0, 1)
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "message"),
+    [
+        ({"max_concurrency": 0}, ValueError, "max_concurrency must be at least 1"),
+        ({"max_concurrency": 2.5}, TypeError, "max_concurrency must be an integer"),
+        ({"max_concurrency": True}, TypeError, "max_concurrency must be an integer"),
+        ({"max_concurrency": 1, "max_waiting": -1}, ValueError, "max_waiting must be at least 0"),
+        ({"max_concurrency": 1, "max_wait": -1}, ValueError, "max_wait must be a finite"),
+        ({"max_concurrency": 1, "max_wait": "1"}, TypeError, "max_wait must be a number"),
+        ({"max_concurrency": 1, "retry_after": 1.5}, TypeError, "retry_after must be an integer"),
+        ({"max_concurrency": 1, "exempt_paths": "/x"}, TypeError, "use exempt_paths=['/x']"),
+    ],
+)
+def test_options_are_validated(
+    options: dict[str, Any], error: type[Exception], message: str
+) -> None:
+    with pytest.raises(error, match=re.escape(message)):
+        lifecycle.ConcurrencyLimitMiddleware(Starlette(), **options)

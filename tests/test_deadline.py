@@ -1,0 +1,927 @@
+"""Per-request deadlines: DeadlineMiddleware, remaining(), route timeouts, what does not inherit."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import re
+import threading
+import time
+from collections.abc import AsyncIterator
+from functools import partial
+from typing import Any
+
+import anyio
+import anyio.lowlevel
+import anyio.to_thread
+import httpx
+import pytest
+from fastapi import BackgroundTasks, Depends, FastAPI
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from starlette.applications import Starlette
+from starlette.background import BackgroundTask
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+import lifecycle
+import lifecycle.fastapi
+from lifecycle import _deadline
+from lifecycle._deadline import _parse_grpc_timeout, _parse_milliseconds, _read_budget
+
+pytestmark = pytest.mark.anyio
+
+BUDGET = "x-request-timeout-ms"
+
+
+@pytest.fixture(params=[True, False], ids=["shared-timer", "plain-scope"])
+def timer_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
+    """Run a test with the shared-timer scope and with plain anyio scopes (asyncio)."""
+    monkeypatch.setattr(_deadline, "_use_shared_timer", request.param)
+    return bool(request.param)
+
+
+def client(app: Any) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
+
+
+def budget_seen(request: Request) -> JSONResponse:
+    """What the code inside the request sees of its deadline (an async endpoint's helper)."""
+    deadline = anyio.current_effective_deadline()
+    return JSONResponse(
+        {
+            "remaining": lifecycle.remaining(),
+            "effective_deadline_left": None
+            if deadline == math.inf
+            else deadline - anyio.current_time(),
+        }
+    )
+
+
+async def seen(request: Request) -> JSONResponse:
+    return budget_seen(request)
+
+
+async def forever(request: Request) -> Response:
+    await anyio.sleep_forever()
+    raise AssertionError("unreachable")
+
+
+def wrap(routes: list[Route], **options: Any) -> lifecycle.DeadlineMiddleware:
+    return lifecycle.DeadlineMiddleware(Starlette(routes=routes), **options)
+
+
+def assert_expired_response(response: httpx.Response) -> dict[str, Any]:
+    assert response.status_code == 504
+    assert response.headers[lifecycle.DEADLINE_EXPIRED_HEADER] == "1"
+    assert response.headers["content-type"] == "application/problem+json"
+    problem: dict[str, Any] = response.json()
+    assert problem["type"] == lifecycle.DEADLINE_EXPIRED_TYPE
+    assert problem["status"] == 504
+    assert problem["title"] == "Deadline expired"
+    assert problem["detail"]
+    return problem
+
+
+# -- 1. the inbound budget ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("header", "value", "seconds"),
+    [
+        ("x-request-timeout-ms", "1500", 1.5),
+        ("grpc-timeout", "2S", 2.0),
+        ("grpc-timeout", "1500m", 1.5),
+        ("grpc-timeout", "1M", 60.0),
+        ("x-envoy-expected-rq-timeout-ms", "2500", 2.5),
+        ("connect-timeout-ms", "750", 0.75),
+    ],
+)
+async def test_a_budget_header_sets_the_deadline_the_request_sees(
+    header: str, value: str, seconds: float, timer_mode: bool
+) -> None:
+    app = wrap([Route("/", seen)], default_timeout=30.0, reserve=0.01)
+    async with client(app) as http:
+        response = await http.get("/", headers={header: value})
+    body = response.json()
+    assert response.status_code == 200
+    assert seconds - 1.0 < body["remaining"] <= seconds - 0.01
+    assert body["effective_deadline_left"] == pytest.approx(body["remaining"], abs=0.05)
+    assert app.statistics().received == 1
+
+
+async def test_the_smallest_of_several_budget_headers_wins() -> None:
+    app = wrap([Route("/", seen)], reserve=0.0)
+    async with client(app) as http:
+        response = await http.get(
+            "/", headers={"x-request-timeout-ms": "9000", "grpc-timeout": "3S"}
+        )
+    assert 2.0 < response.json()["remaining"] <= 3.0
+
+
+async def test_without_a_header_the_default_applies_and_without_a_default_nothing() -> None:
+    with_default = wrap([Route("/", seen)], default_timeout=4.0, reserve=0.5)
+    without = wrap([Route("/", seen)])
+    async with client(with_default) as a, client(without) as b:
+        defaulted = (await a.get("/")).json()
+        unbounded = (await b.get("/")).json()
+    assert 3.0 < defaulted["remaining"] <= 3.5
+    assert unbounded == {"remaining": None, "effective_deadline_left": None}
+    assert with_default.statistics().received == 0
+
+
+async def test_a_client_cannot_extend_its_budget_past_max_timeout() -> None:
+    app = wrap([Route("/", seen)], default_timeout=1.0, max_timeout=2.0, reserve=0.0)
+    async with client(app) as http:
+        clamped = (await http.get("/", headers={BUDGET: "600000"})).json()
+        shorter = (await http.get("/", headers={BUDGET: "500"})).json()
+    assert 1.5 < clamped["remaining"] <= 2.0
+    assert shorter["remaining"] <= 0.5
+    stats = app.statistics()
+    assert (stats.received, stats.clamped) == (2, 1)
+
+
+async def test_only_the_configured_headers_are_read() -> None:
+    app = wrap([Route("/", seen)], headers=["X-Budget-Ms"], reserve=0.0)
+    async with client(app) as http:
+        ignored = (await http.get("/", headers={BUDGET: "100", "grpc-timeout": "1m"})).json()
+        read = (await http.get("/", headers={"x-budget-ms": "2000"})).json()
+    assert ignored["remaining"] is None
+    assert 1.0 < read["remaining"] <= 2.0
+
+
+async def test_health_probes_and_other_exempt_paths_have_no_deadline() -> None:
+    routes = [Route("/healthz", seen), Route("/metrics", seen), Route("/work", seen)]
+    default = wrap(routes, default_timeout=5.0)
+    custom = wrap(routes, default_timeout=5.0, exempt_paths=["/work"])
+    async with client(default) as a, client(custom) as b:
+        probe = (await a.get("/healthz", headers={BUDGET: "1"})).json()
+        metrics = (await a.get("/metrics")).json()
+        work = (await b.get("/work")).json()
+        no_longer_exempt = (await b.get("/healthz")).json()
+    assert probe["remaining"] is None
+    assert metrics["remaining"] is None
+    assert work["remaining"] is None
+    assert no_longer_exempt["remaining"] is not None
+    assert default.statistics().received == 0
+
+
+async def test_non_http_scopes_pass_through_untouched() -> None:
+    seen_scopes: list[dict[str, Any]] = []
+
+    async def inner(scope: Any, receive: Any, send: Any) -> None:
+        seen_scopes.append(scope)
+        seen_scopes.append({"remaining": lifecycle.remaining()})
+
+    app = lifecycle.DeadlineMiddleware(inner, default_timeout=0.5)
+
+    async def receive() -> dict[str, Any]:
+        raise AssertionError("not called")
+
+    async def send(message: Any) -> None:
+        raise AssertionError("not called")
+
+    for kind in ("lifespan", "websocket"):
+        scope = {"type": kind, "path": "/", "headers": [(b"x-request-timeout-ms", b"1")]}
+        await app(scope, receive, send)
+    assert [s.get("type") for s in seen_scopes[::2]] == ["lifespan", "websocket"]
+    assert seen_scopes[1::2] == [{"remaining": None}, {"remaining": None}]
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "message"),
+    [
+        ({"default_timeout": 0}, ValueError, "default_timeout must be a positive"),
+        ({"default_timeout": math.inf}, ValueError, "finite"),
+        ({"default_timeout": math.nan}, ValueError, "finite"),
+        ({"default_timeout": "5"}, TypeError, "default_timeout must be a number"),
+        ({"max_timeout": True}, TypeError, "max_timeout must be a number"),
+        ({"default_timeout": 10, "max_timeout": 5}, ValueError, "lower default_timeout"),
+        ({"reserve": -1}, ValueError, "reserve must be"),
+        ({"default_timeout": 0.01, "reserve": 0.05}, ValueError, "leaves nothing after"),
+        ({"min_budget": -1}, ValueError, "min_budget must be"),
+        ({"headers": "x-request-timeout-ms"}, TypeError, "use headers=['x-request-timeout-ms']"),
+        ({"headers": ["bad header"]}, ValueError, "'bad header' is not a valid"),
+        ({"headers": ["a-ms", "A-MS"]}, ValueError, "listed twice"),
+        ({"exempt_paths": "/healthz"}, TypeError, "use exempt_paths=['/healthz']"),
+        ({"exempt_paths": ["healthz"]}, ValueError, "must be a string starting with '/'"),
+    ],
+)
+def test_options_are_validated_when_the_middleware_is_built(
+    options: dict[str, Any], error: type[Exception], message: str
+) -> None:
+    with pytest.raises(error, match=re.escape(message)):
+        lifecycle.DeadlineMiddleware(Starlette(), **options)
+
+
+# -- 2. inside the request ------------------------------------------------------------------
+
+
+async def test_the_deadline_is_visible_in_child_tasks_and_nested_calls(timer_mode: bool) -> None:
+    async def endpoint(request: Request) -> JSONResponse:
+        results: dict[str, float | None] = {}
+
+        async def child() -> None:
+            results["child"] = lifecycle.remaining()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(child)
+        with anyio.fail_after(0.2):
+            await anyio.lowlevel.checkpoint()
+            results["shorter"] = lifecycle.remaining()
+        results["after"] = lifecycle.remaining()
+        return JSONResponse(results)
+
+    app = wrap([Route("/", endpoint)], default_timeout=10.0)
+    async with client(app) as http:
+        results = (await http.get("/", headers={BUDGET: "3000"})).json()
+    assert 2.0 < results["child"] <= 3.0
+    assert results["shorter"] <= 0.2  # an inner deadline wins while it is shorter
+    assert 2.0 < results["after"] <= 3.0
+
+
+async def test_sync_endpoints_in_worker_threads_read_the_deadline() -> None:
+    def sync_endpoint(request: Request) -> JSONResponse:
+        assert threading.current_thread() is not threading.main_thread()
+        return JSONResponse({"remaining": lifecycle.remaining()})
+
+    async def offloads(request: Request) -> JSONResponse:
+        return JSONResponse({"remaining": await anyio.to_thread.run_sync(lifecycle.remaining)})
+
+    app = wrap([Route("/sync", sync_endpoint), Route("/offload", offloads)], reserve=0.0)
+    async with client(app) as http:
+        in_sync = (await http.get("/sync", headers={BUDGET: "2000"})).json()
+        offloaded = (await http.get("/offload", headers={BUDGET: "2000"})).json()
+        unbounded = (await http.get("/sync")).json()
+    assert 1.0 < in_sync["remaining"] <= 2.0
+    assert 1.0 < offloaded["remaining"] <= 2.0
+    assert unbounded["remaining"] is None
+
+
+async def test_a_sync_endpoint_that_overruns_gets_a_504_and_is_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    def stubborn(request: Request) -> PlainTextResponse:
+        # Cannot be cancelled: waits for its deadline to pass, then works on a little longer.
+        while (lifecycle.remaining() or 0.0) > 0:
+            time.sleep(0.005)
+        time.sleep(0.05)
+        return PlainTextResponse("too late")
+
+    app = wrap([Route("/", stubborn)], reserve=0.01)
+    with caplog.at_level(logging.WARNING, logger="lifecycle.deadline"):
+        async with client(app) as http:
+            response = await http.get("/", headers={BUDGET: "60"})
+    assert_expired_response(response)
+    assert app.statistics().overran == 1
+    (record,) = [r for r in caplog.records if "past its deadline" in r.getMessage()]
+    assert "GET /" in record.getMessage()
+
+
+# -- 3. expiry --------------------------------------------------------------------------------
+
+
+async def test_expiry_before_the_response_is_a_504_with_the_marker(timer_mode: bool) -> None:
+    cancelled = anyio.Event()
+
+    async def slow(request: Request) -> Response:
+        try:
+            await anyio.sleep_forever()
+        finally:
+            cancelled.set()
+        raise AssertionError("unreachable")
+
+    app = wrap([Route("/", slow)], default_timeout=30.0)
+    async with client(app) as http:
+        response = await http.get("/", headers={BUDGET: "50"})
+    problem = assert_expired_response(response)
+    assert "before the response started" in problem["detail"]
+    assert response.headers["cache-control"] == "no-store"
+    assert cancelled.is_set()  # the handler was cancelled, not left running
+    stats = app.statistics()
+    assert (stats.expired, stats.aborted, stats.in_flight) == (1, 0, 0)
+
+
+async def test_the_default_timeout_expires_too() -> None:
+    app = wrap([Route("/", forever)], default_timeout=0.05)
+    async with client(app) as http:
+        assert_expired_response(await http.get("/"))
+
+
+async def test_many_concurrent_deadlines_expire_independently(timer_mode: bool) -> None:
+    async def maybe_slow(request: Request) -> PlainTextResponse:
+        if request.query_params["slow"] == "1":
+            await anyio.sleep_forever()
+        return PlainTextResponse("ok")
+
+    app = wrap([Route("/", maybe_slow)], default_timeout=30.0)
+    statuses: dict[int, int] = {}
+    async with client(app) as http:
+
+        async def call(index: int) -> None:
+            slow = index % 2
+            # Only the slow ones get short budgets, so a loaded machine cannot fail the others.
+            headers = {BUDGET: str(20 + (index * 7) % 60)} if slow else {}
+            response = await http.get(f"/?slow={slow}", headers=headers)
+            statuses[index] = response.status_code
+
+        async with anyio.create_task_group() as tg:
+            for index in range(40):
+                tg.start_soon(call, index)
+    assert statuses == {i: 504 if i % 2 else 200 for i in range(40)}
+    assert app.statistics().expired == 20
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # the shared timer is asyncio's
+async def test_the_shared_timer_keeps_memory_proportional_to_requests_in_flight() -> None:
+    app = wrap([Route("/", seen)], default_timeout=30.0)
+    async with client(app) as http:
+        for _ in range(300):
+            await http.get("/")
+    timer = _deadline._timer_for(asyncio.get_running_loop())
+    assert 0 < len(timer.heap) < 140  # 300 finished requests, compacted as they went
+
+
+async def raw_call(
+    app: Any, path: str = "/", headers: list[tuple[bytes, bytes]] | None = None
+) -> list[dict[str, Any]]:
+    """Call an ASGI app directly and return every message it sent."""
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.4"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": headers or [],
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 2),
+    }
+    sent: list[dict[str, Any]] = []
+    request_sent = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal request_sent
+        if not request_sent:
+            request_sent = True
+            return {"type": "http.request", "body": b"", "more_body": False}
+        await anyio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    async def send(message: Any) -> None:
+        sent.append(dict(message))
+
+    await app(scope, receive, send)
+    return sent
+
+
+async def test_expiry_mid_stream_aborts_the_response_without_a_second_start(
+    caplog: pytest.LogCaptureFixture, timer_mode: bool
+) -> None:
+    async def chunks() -> AsyncIterator[bytes]:
+        yield b"first chunk\n"
+        await anyio.sleep_forever()
+        yield b"never"
+
+    async def stream(request: Request) -> StreamingResponse:
+        return StreamingResponse(chunks(), media_type="text/plain")
+
+    app = wrap([Route("/", stream)], default_timeout=30.0)
+    with caplog.at_level(logging.WARNING, logger="lifecycle.deadline"):
+        sent = await raw_call(app, headers=[(b"x-request-timeout-ms", b"300")])
+    assert [m["type"] for m in sent] == ["http.response.start", "http.response.body"]
+    assert sent[0]["status"] == 200
+    assert sent[1] == {"type": "http.response.body", "body": b"first chunk\n", "more_body": True}
+    stats = app.statistics()
+    assert (stats.aborted, stats.expired) == (1, 0)
+    assert any("aborted" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_budget_below_min_budget_is_rejected_without_running_the_app() -> None:
+    calls = 0
+
+    async def counted(request: Request) -> PlainTextResponse:
+        nonlocal calls
+        calls += 1
+        return PlainTextResponse("ok")
+
+    app = wrap([Route("/", counted)], min_budget=0.1, reserve=0.01)
+    async with client(app) as http:
+        rejected = await http.get("/", headers={BUDGET: "100"})  # 90 ms after the reserve
+        accepted = await http.get("/", headers={BUDGET: "200"})
+    problem = assert_expired_response(rejected)
+    assert "not started" in problem["detail"]
+    assert accepted.status_code == 200
+    assert calls == 1
+    assert app.statistics().rejected_early == 1
+
+
+def installed_middleware(app: Starlette) -> lifecycle.DeadlineMiddleware:
+    """The DeadlineMiddleware Starlette built from ``add_middleware`` (after one request)."""
+    layer: Any = app.middleware_stack
+    while not isinstance(layer, lifecycle.DeadlineMiddleware):
+        layer = layer.app
+    return layer
+
+
+async def test_a_deadline_exceeded_escaping_the_app_becomes_the_504() -> None:
+    async def upstream_expired(request: Request) -> Response:
+        raise lifecycle.DeadlineExceeded("upstream said so")
+
+    async def in_a_task_group(request: Request) -> Response:
+        async def fails() -> None:
+            raise lifecycle.DeadlineExceeded("upstream said so")
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(fails)
+            tg.start_soon(anyio.sleep_forever)
+        raise AssertionError("unreachable")
+
+    # Installed with add_middleware, it sits inside Starlette's ServerErrorMiddleware, which
+    # would otherwise answer 500 to any exception before it reached the deadline middleware.
+    app = Starlette(routes=[Route("/plain", upstream_expired), Route("/group", in_a_task_group)])
+    app.add_middleware(lifecycle.DeadlineMiddleware, default_timeout=30.0)
+    async with client(app) as http:
+        for path in ("/plain", "/group"):
+            problem = assert_expired_response(await http.get(path))
+            assert "upstream said so" in problem["detail"]
+    assert installed_middleware(app).statistics().expired == 2
+
+
+async def test_other_errors_are_not_turned_into_504s() -> None:
+    async def mixed(request: Request) -> Response:
+        async def expired() -> None:
+            raise lifecycle.DeadlineExceeded("upstream")
+
+        async def broken() -> None:
+            raise KeyError("bug")
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(expired)
+            tg.start_soon(broken)
+        raise AssertionError("unreachable")
+
+    app = wrap([Route("/", mixed)])
+    with pytest.raises(ExceptionGroup) as caught:
+        await raw_call(app)
+    assert caught.group_contains(KeyError)
+    assert app.statistics().expired == 0
+
+
+async def test_an_outer_cancellation_is_not_swallowed() -> None:
+    started = anyio.Event()
+
+    async def slow(request: Request) -> Response:
+        started.set()
+        await anyio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    app = wrap([Route("/", slow)], default_timeout=30.0)
+    sent: list[dict[str, Any]] = []
+    with anyio.CancelScope() as outer:
+        async with anyio.create_task_group() as tg:
+
+            async def run() -> None:
+                sent.extend(await raw_call(app))
+
+            tg.start_soon(run)
+            await started.wait()
+            outer.cancel()
+    assert outer.cancelled_caught
+    assert sent == []  # no 504 for a cancellation that is not the deadline's
+    assert app.statistics().expired == 0
+
+
+# -- 4. bad input -----------------------------------------------------------------------------
+
+MALFORMED = [
+    (BUDGET, "abc"),
+    (BUDGET, "-5"),
+    (BUDGET, "0"),
+    (BUDGET, "1.5"),
+    (BUDGET, "1e3"),
+    (BUDGET, "inf"),
+    (BUDGET, "nan"),
+    (BUDGET, "NaN"),
+    (BUDGET, "12345678901"),  # 11 digits: overflowing
+    (BUDGET, ""),
+    (BUDGET, "+100"),
+    (BUDGET, "0x10"),
+    (BUDGET, "100, 200"),
+    ("grpc-timeout", "5x"),
+    ("grpc-timeout", "5"),
+    ("grpc-timeout", "m"),
+    ("grpc-timeout", "0S"),
+    ("grpc-timeout", "123456789S"),  # 9 digits
+    ("grpc-timeout", "-1S"),
+    ("grpc-timeout", "1.5S"),
+    ("grpc-timeout", "infS"),
+    ("grpc-timeout", "5ms"),
+    ("connect-timeout-ms", "99999999999999999999"),
+    ("x-envoy-expected-rq-timeout-ms", "-0"),
+]
+
+
+@pytest.mark.parametrize(("header", "value"), MALFORMED)
+async def test_malformed_budgets_are_ignored_and_counted(header: str, value: str) -> None:
+    app = wrap([Route("/", seen)], default_timeout=7.0, reserve=0.0)
+    async with client(app) as http:
+        response = await http.get("/", headers={header: value})
+    assert response.status_code == 200
+    assert 6.0 < response.json()["remaining"] <= 7.0  # the default applies
+    stats = app.statistics()
+    assert (stats.malformed, stats.received) == (1, 0)
+
+
+@pytest.mark.parametrize(("header", "value"), MALFORMED[:6] + MALFORMED[13:17])
+async def test_malformed_budgets_get_a_400_in_strict_mode(header: str, value: str) -> None:
+    app = wrap([Route("/", seen)], strict=True)
+    async with client(app) as http:
+        response = await http.get("/", headers={header: value})
+    assert response.status_code == 400
+    assert response.headers["content-type"] == "application/problem+json"
+    problem = response.json()
+    assert problem["type"] == lifecycle.MALFORMED_BUDGET_TYPE
+    assert problem["status"] == 400
+    assert repr(header) in problem["detail"]
+    assert app.statistics().malformed == 1
+
+
+async def test_a_repeated_budget_header_is_malformed_and_a_valid_one_still_counts() -> None:
+    app = wrap([Route("/", seen)], default_timeout=7.0, reserve=0.0)
+    repeated = [(b"x-request-timeout-ms", b"100"), (b"x-request-timeout-ms", b"200")]
+    async with client(app) as http:
+        only_repeated = await http.get("/", headers=repeated)
+        with_valid = await http.get("/", headers=[*repeated, (b"grpc-timeout", b"2S")])
+    assert 6.0 < only_repeated.json()["remaining"] <= 7.0
+    assert 1.0 < with_valid.json()["remaining"] <= 2.0
+    assert app.statistics().malformed == 2
+
+
+async def test_non_ascii_and_binary_header_values_never_cause_a_500() -> None:
+    app = wrap([Route("/", seen)], default_timeout=7.0)
+    async with client(app) as http:
+        for value in ("\u0661\u0660\u0660".encode(), b"\xff\xfe", "\uff11\uff10\uff10".encode()):
+            response = await http.get("/", headers=[(b"x-request-timeout-ms", value)])
+            assert response.status_code == 200
+    assert app.statistics().malformed == 3
+
+
+@given(value=st.binary(max_size=24))
+@settings(max_examples=300, deadline=None)
+def test_fuzz_the_budget_parsers(value: bytes) -> None:
+    for parse in (_parse_milliseconds, _parse_grpc_timeout):
+        try:
+            seconds = parse(value)
+        except _deadline._MalformedBudget:
+            continue  # anything else escaping the parser fails the test
+        assert math.isfinite(seconds)
+        assert seconds > 0
+
+
+@given(
+    values=st.lists(
+        st.tuples(
+            st.sampled_from([*lifecycle.DEFAULT_BUDGET_HEADERS, "x-other"]),
+            st.one_of(
+                st.binary(max_size=12),
+                st.integers(-(10**12), 10**12).map(lambda n: str(n).encode()),
+                st.sampled_from([b"inf", b"nan", b"1e9", b"5S", b"10m", b"3n", b"99999999H"]),
+            ),
+        ),
+        max_size=5,
+    )
+)
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_fuzz_the_middleware_never_answers_500(
+    backend: str, values: list[tuple[str, bytes]]
+) -> None:
+    headers = [(name.encode(), value) for name, value in values]
+    found = [(n, v) for n, v in headers if n.decode() in lifecycle.DEFAULT_BUDGET_HEADERS]
+    expected_budget, problem = _read_budget(found) if found else (None, None)
+
+    async def main() -> None:
+        for strict in (False, True):
+            app = wrap(
+                [Route("/", seen)], default_timeout=1000.0, max_timeout=5000.0, strict=strict
+            )
+            sent = await raw_call(app, headers=headers)
+            status = sent[0]["status"]
+            if strict and problem is not None:
+                assert status == 400
+            else:
+                assert status in (200, 504)  # 504: a valid but tiny budget (1 ns) expired
+                if status == 200 and expected_budget is not None:
+                    remaining = json.loads(sent[1]["body"])["remaining"]
+                    assert remaining <= min(expected_budget, 5000.0)
+
+    anyio.run(main, backend=backend)
+
+
+# -- 5. what does not inherit ---------------------------------------------------------------
+
+
+async def test_background_tasks_outlive_the_request_deadline(timer_mode: bool) -> None:
+    outcome: dict[str, Any] = {}
+
+    async def background(deadline: float) -> None:
+        outcome["remaining"] = lifecycle.remaining()
+        outcome["effective"] = anyio.current_effective_deadline()
+        await anyio.sleep_until(deadline + 0.05)  # past the request's deadline
+        outcome["finished"] = True
+
+    async def endpoint(request: Request) -> PlainTextResponse:
+        deadline = lifecycle.current_deadline()
+        return PlainTextResponse("queued", background=BackgroundTask(background, deadline))
+
+    app = wrap([Route("/", endpoint)])
+    async with client(app) as http:
+        response = await http.get("/", headers={BUDGET: "200"})
+    assert response.status_code == 200
+    assert outcome == {"remaining": None, "effective": math.inf, "finished": True}
+    assert app.statistics().expired == 0
+
+
+async def test_sync_background_tasks_in_threads_see_no_deadline() -> None:
+    outcome: list[float | None] = []
+
+    async def endpoint(request: Request) -> PlainTextResponse:
+        return PlainTextResponse(
+            "ok", background=BackgroundTask(lambda: outcome.append(lifecycle.remaining()))
+        )
+
+    app = wrap([Route("/", endpoint)])
+    async with client(app) as http:
+        await http.get("/", headers={BUDGET: "5000"})
+    assert outcome == [None]
+
+
+async def test_a_route_can_keep_its_deadline_for_background_tasks() -> None:
+    outcome: dict[str, Any] = {}
+
+    async def background() -> None:
+        outcome["remaining"] = lifecycle.remaining()
+        try:
+            await anyio.sleep(5)
+        finally:
+            outcome["cancelled"] = True
+
+    @lifecycle.request_timeout(0.3, keep_for_background=True)
+    async def endpoint(request: Request) -> PlainTextResponse:
+        return PlainTextResponse("queued", background=BackgroundTask(background))
+
+    app = wrap([Route("/", endpoint)], default_timeout=30.0)
+    async with client(app) as http:
+        response = await http.get("/")
+    assert response.status_code == 200  # the response was complete before the deadline
+    assert outcome["remaining"] is not None
+    assert outcome["cancelled"] is True
+    assert app.statistics().aborted == 0
+
+
+async def test_fastapi_background_tasks_outlive_the_request_deadline() -> None:
+    finished = anyio.Event()
+
+    async def later(deadline: float) -> None:
+        assert lifecycle.remaining() is None
+        await anyio.sleep_until(deadline + 0.05)  # past the request's deadline
+        finished.set()
+
+    api = FastAPI()
+
+    @api.get("/")
+    async def endpoint(tasks: BackgroundTasks) -> dict[str, str]:
+        tasks.add_task(later, lifecycle.current_deadline())
+        return {"status": "queued"}
+
+    app = lifecycle.DeadlineMiddleware(api)
+    async with client(app) as http:
+        response = await http.get("/", headers={BUDGET: "200"})
+    assert response.json() == {"status": "queued"}
+    assert finished.is_set()
+
+
+async def test_work_started_outside_the_request_does_not_inherit_unless_asked() -> None:
+    results: dict[str, Any] = {}
+
+    async def job(name: str, deadline: float | None, *, captured: bool) -> None:
+        try:
+            if captured:
+                with lifecycle.deadline_scope(deadline):
+                    results[name] = lifecycle.remaining()
+                    results[f"{name}-thread"] = await anyio.to_thread.run_sync(lifecycle.remaining)
+                    await anyio.sleep_forever()
+            else:
+                results[name] = lifecycle.remaining()
+        except lifecycle.DeadlineExceeded:
+            results[f"{name}-exceeded"] = True
+
+    async with anyio.create_task_group() as lifespan_group:
+
+        async def endpoint(request: Request) -> PlainTextResponse:
+            deadline = lifecycle.current_deadline()
+            with lifecycle.deadline_scope(None):  # what starts here does not see the request's
+                lifespan_group.start_soon(partial(job, "detached", None, captured=False))
+            lifespan_group.start_soon(partial(job, "inherited", deadline, captured=True))
+            return PlainTextResponse("ok")
+
+        app = wrap([Route("/", endpoint)])
+        async with client(app) as http:
+            response = await http.get("/", headers={BUDGET: "300"})
+    assert response.status_code == 200
+    assert results["detached"] is None
+    assert 0 < results["inherited"] <= 0.3
+    assert 0 < results["inherited-thread"] <= 0.3
+    assert results["inherited-exceeded"] is True
+
+
+async def test_worker_pool_jobs_do_not_inherit_the_deadline_unless_the_pool_asks() -> None:
+    lc = lifecycle.Lifecycle()
+    seen: dict[str, float | None] = {}
+
+    @lc.worker(concurrency=1, queue_size=4)
+    async def detached(job: str) -> None:
+        seen[job] = lifecycle.remaining()
+
+    @lc.worker(concurrency=1, queue_size=4, inherit_deadline=True)
+    async def inheriting(job: str) -> None:
+        seen[job] = lifecycle.remaining()
+
+    async def endpoint(request: Request) -> PlainTextResponse:
+        await detached.call("detached")
+        await inheriting.call("inheriting")
+        return PlainTextResponse("ok")
+
+    app = wrap([Route("/", endpoint)], reserve=0.0)
+    async with lc.run(), client(app) as http:
+        response = await http.get("/", headers={BUDGET: "2000"})
+    assert response.status_code == 200
+    assert seen["detached"] is None
+    inherited = seen["inheriting"]
+    assert inherited is not None
+    assert 1.0 < inherited <= 2.0
+
+
+async def test_current_deadline_outside_any_request_is_none() -> None:
+    assert lifecycle.current_deadline() is None
+    assert lifecycle.remaining() is None
+    assert await anyio.to_thread.run_sync(lifecycle.remaining) is None
+    with anyio.fail_after(2):
+        await anyio.lowlevel.checkpoint()
+        deadline = lifecycle.current_deadline()
+        assert deadline is not None
+        assert 0 < deadline - anyio.current_time() <= 2
+
+
+def test_deadline_scope_rejects_nan() -> None:
+    async def main() -> None:
+        with lifecycle.deadline_scope(math.nan):
+            pass
+
+    with pytest.raises(ValueError, match="NaN"):
+        anyio.run(main)
+
+
+# -- 7. per route -----------------------------------------------------------------------------
+
+
+async def test_a_route_timeout_replaces_the_default_and_the_maximum() -> None:
+    @lifecycle.request_timeout(0.05)
+    async def short(request: Request) -> Response:
+        await anyio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    @lifecycle.request_timeout(60.0)
+    async def long(request: Request) -> JSONResponse:
+        return budget_seen(request)
+
+    app = wrap(
+        [Route("/short", short), Route("/long", long)],
+        default_timeout=0.5,
+        max_timeout=1.0,
+        reserve=0.0,
+    )
+    async with client(app) as http:
+        assert_expired_response(await http.get("/short"))
+        longer = (await http.get("/long")).json()
+        client_wins = (await http.get("/long", headers={BUDGET: "300"})).json()
+    assert 50.0 < longer["remaining"] <= 60.0
+    assert client_wins["remaining"] <= 0.3
+
+
+async def test_a_route_can_opt_out_of_deadlines() -> None:
+    @lifecycle.request_timeout(None)
+    async def stream_forever(request: Request) -> JSONResponse:
+        await anyio.sleep(0.4)  # longer than the 200 ms the client sent
+        return budget_seen(request)
+
+    app = wrap([Route("/", stream_forever)], default_timeout=0.2)
+    async with client(app) as http:
+        response = await http.get("/", headers={BUDGET: "200"})
+    assert response.status_code == 200
+    assert response.json() == {"remaining": None, "effective_deadline_left": None}
+
+
+async def test_the_route_decorator_runs_sync_endpoints_in_a_thread() -> None:
+    @lifecycle.request_timeout(2.0)
+    def sync_endpoint(request: Request) -> JSONResponse:
+        assert threading.current_thread() is not threading.main_thread()
+        return JSONResponse({"remaining": lifecycle.remaining()})
+
+    app = wrap([Route("/", sync_endpoint)], default_timeout=30.0, reserve=0.0)
+    async with client(app) as http:
+        response = await http.get("/")
+    assert 1.0 < response.json()["remaining"] <= 2.0
+
+
+async def test_the_fastapi_dependency_sets_a_route_timeout_and_opts_out() -> None:
+    api = FastAPI()
+
+    async def remaining_dep() -> float | None:
+        return lifecycle.remaining()
+
+    @api.get("/short", dependencies=[lifecycle.fastapi.request_timeout(0.05)])
+    async def short() -> None:
+        await anyio.sleep_forever()
+
+    @api.get("/budget", dependencies=[lifecycle.fastapi.request_timeout(2.0)])
+    async def budget(seen_by_dependency: float | None = Depends(remaining_dep)) -> dict[str, Any]:
+        return {"dependency": seen_by_dependency, "endpoint": lifecycle.remaining()}
+
+    @api.get("/none", dependencies=[lifecycle.fastapi.request_timeout(None)])
+    async def unbounded() -> dict[str, Any]:
+        return {"endpoint": lifecycle.remaining()}
+
+    app = lifecycle.DeadlineMiddleware(api, default_timeout=30.0, reserve=0.0)
+    async with client(app) as http:
+        assert_expired_response(await http.get("/short"))
+        budget_body = (await http.get("/budget")).json()
+        none_body = (await http.get("/none", headers={BUDGET: "5000"})).json()
+    assert 1.0 < budget_body["dependency"] <= 2.0
+    assert 1.0 < budget_body["endpoint"] <= 2.0
+    assert none_body == {"endpoint": None}
+
+
+async def test_the_route_decorator_keeps_fastapi_parameters_working() -> None:
+    api = FastAPI()
+
+    @api.get("/items/{item_id}")
+    @lifecycle.request_timeout(2.0)
+    async def item(item_id: int, q: str = "none") -> dict[str, Any]:
+        return {"item_id": item_id, "q": q, "remaining": lifecycle.remaining()}
+
+    app = lifecycle.DeadlineMiddleware(api, default_timeout=30.0, reserve=0.0)
+    async with client(app) as http:
+        body = (await http.get("/items/7?q=x")).json()
+    assert (body["item_id"], body["q"]) == (7, "x")
+    assert 1.0 < body["remaining"] <= 2.0
+
+
+async def test_a_route_timeout_outside_the_middleware_is_an_error() -> None:
+    @lifecycle.request_timeout(1.0)
+    async def endpoint(request: Request) -> PlainTextResponse:
+        return PlainTextResponse("ok")
+
+    async with client(Starlette(routes=[Route("/", endpoint)])) as http:
+        with pytest.raises(RuntimeError, match=r"wrap the app with lifecycle\.DeadlineMiddleware"):
+            await http.get("/")
+
+
+@pytest.mark.parametrize(
+    ("timeout", "error"),
+    [(0, ValueError), (-1, ValueError), (math.inf, ValueError), ("1", TypeError)],
+)
+def test_route_timeouts_are_validated(timeout: Any, error: type[Exception]) -> None:
+    with pytest.raises(error, match="timeout must be"):
+        lifecycle.request_timeout(timeout)
+    with pytest.raises(error, match="timeout must be"):
+        lifecycle.fastapi.request_timeout(timeout)
+
+
+# -- internals worth pinning ----------------------------------------------------------------
+
+
+def test_the_shared_timer_fast_path_is_available_on_the_installed_anyio() -> None:
+    # If an anyio upgrade changes its asyncio cancel scope, deadlines fall back to plain
+    # scopes (correct, slower); this test makes the fallback visible.
+    assert _deadline._FAST_SCOPE_AVAILABLE
+
+
+def test_statistics_are_a_frozen_snapshot() -> None:
+    app = lifecycle.DeadlineMiddleware(Starlette())
+    stats = app.statistics()
+    with pytest.raises(AttributeError):
+        stats.expired = 3  # type: ignore[misc]
+    assert stats == lifecycle.DeadlineStatistics(0, 0, 0, 0, 0, 0, 0, 0)
+
+
+def test_remaining_outside_any_event_loop_or_request_is_none() -> None:
+    assert lifecycle.remaining() is None
+    assert lifecycle.current_deadline() is None

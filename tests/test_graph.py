@@ -1,0 +1,863 @@
+"""The service graph: declaration, validation, ordered startup, rollback, shutdown."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+import anyio.lowlevel
+import pytest
+from anyio.abc import TaskStatus
+
+from lifecycle import (
+    GraphError,
+    Lifecycle,
+    LifecycleState,
+    ServiceNotRunning,
+    ServiceState,
+    ShutdownError,
+    StartupError,
+)
+from lifecycle.testing import assert_started_before, assert_stopped_before
+
+pytestmark = pytest.mark.anyio
+
+
+class Log:
+    """Records what services do, in order."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, str]] = []
+
+    def __call__(self, what: str, service: str) -> None:
+        self.events.append((what, service))
+
+    def of(self, what: str) -> list[str]:
+        return [service for kind, service in self.events if kind == what]
+
+    def index(self, what: str, service: str) -> int:
+        return self.events.index((what, service))
+
+
+def simple(lc: Lifecycle, log: Log, name: str, *deps: str, **options: Any) -> None:
+    """Declare a generator service ``name`` depending on ``deps`` that logs start/stop."""
+
+    async def service(**values: Any) -> AsyncIterator[str]:
+        log("start", name)
+        await anyio.lowlevel.checkpoint()
+        try:
+            yield f"{name}-value"
+        finally:
+            log("stop", name)
+
+    service.__signature__ = _signature(deps)  # type: ignore[attr-defined]
+    lc.service(name=name, **options)(service)
+
+
+def _signature(deps: tuple[str, ...]) -> Any:
+    import inspect
+
+    return inspect.Signature([inspect.Parameter(d, inspect.Parameter.KEYWORD_ONLY) for d in deps])
+
+
+# -- declaring --------------------------------------------------------------------------
+
+
+async def test_both_forms_receive_their_dependencies_values() -> None:
+    lc = Lifecycle()
+
+    @lc.service
+    async def settings() -> AsyncIterator[dict[str, str]]:
+        yield {"url": "sqlite://"}
+
+    @lc.service
+    async def db(settings: dict[str, str]) -> AsyncIterator[str]:
+        yield f"db at {settings['url']}"
+
+    @lc.service(depends={"database": db})
+    async def listener(database: str, *, task_status: TaskStatus[str]) -> None:
+        task_status.started(f"listening with {database}")
+        await anyio.sleep_forever()
+
+    @lc.service(name="api", depends={"conn": "db", "lsn": listener})
+    async def api_service(conn: str, lsn: str) -> AsyncIterator[tuple[str, str]]:
+        yield (conn, lsn)
+
+    async with lc.run() as services:
+        assert services["db"] == "db at sqlite://"
+        assert services[db] == "db at sqlite://"
+        assert services["listener"] == "listening with db at sqlite://"
+        assert services["api"] == ("db at sqlite://", "listening with db at sqlite://")
+        assert lc.get(db) == "db at sqlite://"
+        assert set(services) == {"settings", "db", "listener", "api"}
+        assert lc.state is LifecycleState.RUNNING
+    assert lc.state is LifecycleState.STOPPED
+    assert lc.service_state("listener") is ServiceState.STOPPED
+
+
+def test_duplicate_name_is_a_graph_error() -> None:
+    lc = Lifecycle()
+
+    @lc.service
+    async def db() -> AsyncIterator[int]:
+        yield 1
+
+    with pytest.raises(GraphError, match=r"'db' is already declared.*name=\.\.\."):
+
+        @lc.service(name="db")
+        async def other() -> AsyncIterator[int]:
+            yield 2
+
+
+@pytest.mark.parametrize(
+    ("source", "error", "message"),
+    [
+        ("def svc():\n    return 1", TypeError, "must be an async generator function"),
+        ("async def svc():\n    return 1", TypeError, "without task_status"),
+        ("async def svc(*, task_status):\n    yield 1", TypeError, "use one form"),
+        ("async def svc(*deps):\n    yield 1", GraphError, r"takes \*deps"),
+        ("async def svc(**deps):\n    yield 1", GraphError, r"takes \*deps"),
+        ("async def svc(db, /):\n    yield 1", GraphError, "positional-only"),
+    ],
+)
+def test_bad_declarations_are_rejected_with_the_fix(
+    source: str, error: type[Exception], message: str
+) -> None:
+    namespace: dict[str, Any] = {}
+    exec(source, namespace)
+    with pytest.raises(error, match=message) as info:
+        Lifecycle().service(namespace["svc"])
+    assert "'svc'" in str(info.value)
+
+
+def test_depends_must_name_a_parameter() -> None:
+    lc = Lifecycle()
+    with pytest.raises(
+        GraphError, match=r"depends=\{'database': \.\.\.\}.*parameters are \['db'\]"
+    ):
+
+        @lc.service(depends={"database": "db"})
+        async def api(db: str) -> AsyncIterator[str]:
+            yield db
+
+
+def test_depends_on_a_service_of_another_lifecycle_is_rejected() -> None:
+    other = Lifecycle()
+
+    @other.service
+    async def db() -> AsyncIterator[int]:
+        yield 1
+
+    with pytest.raises(GraphError, match="another Lifecycle"):
+
+        @Lifecycle().service(depends={"database": db})
+        async def api(database: int) -> AsyncIterator[int]:
+            yield database
+
+
+@pytest.mark.parametrize("bad", [0, -1, float("inf"), float("nan")])
+def test_timeouts_must_be_positive_and_finite(bad: float) -> None:
+    with pytest.raises(ValueError, match="start_timeout must be a positive, finite number"):
+        Lifecycle().service(start_timeout=bad)
+    with pytest.raises(ValueError, match="shutdown_timeout must be a positive"):
+        Lifecycle(shutdown_timeout=bad)
+
+
+def test_timeout_of_the_wrong_type_is_a_type_error() -> None:
+    with pytest.raises(TypeError, match="stop_timeout must be a number of seconds"):
+        Lifecycle().service(stop_timeout="5")  # type: ignore[call-overload]
+
+
+# -- validation before anything runs ----------------------------------------------------
+
+
+async def test_cycle_shows_its_path_and_nothing_starts() -> None:
+    lc, log = Lifecycle(), Log()
+    simple(lc, log, "root")
+    simple(lc, log, "a", "root", "b")
+    simple(lc, log, "b", "a")
+    with pytest.raises(GraphError, match=r"cycle: 'a' -> 'b' -> 'a'") as info:
+        async with lc.run():
+            pass
+    assert isinstance(info.value, ValueError)
+    assert log.events == []
+    assert lc.state is LifecycleState.IDLE
+
+
+def test_self_dependency_is_a_cycle() -> None:
+    lc, log = Lifecycle(), Log()
+    simple(lc, log, "a", "a")
+    with pytest.raises(GraphError, match=r"cycle: 'a' -> 'a'"):
+        lc.validate()
+
+
+def test_unknown_dependency_names_service_parameter_and_fix() -> None:
+    lc = Lifecycle()
+
+    @lc.service
+    async def database() -> AsyncIterator[int]:
+        yield 1
+
+    @lc.service
+    async def cache(databse: int) -> AsyncIterator[int]:
+        yield databse
+
+    with pytest.raises(GraphError) as info:
+        lc.validate()
+    message = str(info.value)
+    assert "Service 'cache' depends on unknown service 'databse'" in message
+    assert "did you mean 'database'?" in message
+    assert "depends={'databse': <service>}" in message
+
+
+def test_unknown_dependency_through_depends_names_the_parameter() -> None:
+    lc = Lifecycle()
+
+    @lc.service(depends={"conn": "redis"})
+    async def cache(conn: int) -> AsyncIterator[int]:
+        yield conn
+
+    with pytest.raises(GraphError, match=r"unknown service 'redis' \(parameter 'conn'\)"):
+        lc.validate()
+
+
+async def test_generator_that_never_yields_is_named() -> None:
+    lc = Lifecycle()
+
+    @lc.service
+    async def empty() -> AsyncIterator[int]:
+        if False:
+            yield 1
+
+    with pytest.raises(StartupError, match="'empty'") as info:
+        async with lc.run():
+            pass
+    cause = info.value.failures["empty"]
+    assert isinstance(cause, RuntimeError)
+    assert "finished without yielding its value" in str(cause)
+
+
+async def test_generator_that_yields_twice_is_named_at_shutdown() -> None:
+    lc = Lifecycle()
+    closed = []
+
+    @lc.service
+    async def twice() -> AsyncIterator[int]:
+        try:
+            yield 1
+            yield 2
+        finally:
+            closed.append(True)
+
+    with pytest.raises(ShutdownError, match="'twice' raised RuntimeError") as info:
+        async with lc.run():
+            pass
+    assert "yielded more than once" in str(info.value.errors["twice"])
+    assert closed == [True]  # the generator was closed, so its finally still ran
+
+
+async def test_long_running_service_that_never_reports_started_is_named() -> None:
+    lc = Lifecycle()
+
+    @lc.service
+    async def quiet(*, task_status: TaskStatus[int]) -> None:
+        return
+
+    with pytest.raises(StartupError) as info:
+        async with lc.run():
+            pass
+    assert "returned without calling task_status.started()" in str(info.value.failures["quiet"])
+
+
+# -- startup ------------------------------------------------------------------------------
+
+
+async def test_diamond_starts_in_order_with_independent_branches_concurrent() -> None:
+    lc, log = Lifecycle(), Log()
+    simple(lc, log, "a")
+    left_started, right_started = anyio.Event(), anyio.Event()
+
+    @lc.service
+    async def left(a: str) -> AsyncIterator[str]:
+        log("start", "left")
+        left_started.set()
+        with anyio.fail_after(5):  # fails if the branches start one after the other
+            await right_started.wait()
+        yield "left"
+        log("stop", "left")
+
+    @lc.service
+    async def right(a: str) -> AsyncIterator[str]:
+        log("start", "right")
+        right_started.set()
+        with anyio.fail_after(5):
+            await left_started.wait()
+        yield "right"
+        log("stop", "right")
+
+    simple(lc, log, "d", "left", "right")
+    async with lc.run():
+        pass
+    assert log.of("start")[0] == "a"
+    assert set(log.of("start")[1:3]) == {"left", "right"}
+    assert log.of("start")[3] == "d"
+    for first, then in [("a", "left"), ("a", "right"), ("left", "d"), ("right", "d")]:
+        assert_started_before(lc, first, then)
+        assert_stopped_before(lc, then, first)
+    assert log.of("stop")[0] == "d"
+    assert log.of("stop")[-1] == "a"
+
+
+async def test_a_service_starts_as_soon_as_its_own_dependencies_run() -> None:
+    lc, log = Lifecycle(), Log()
+    fast_running = anyio.Event()
+
+    @lc.service
+    async def slow() -> AsyncIterator[str]:
+        # Holds its start until `fast_follower` runs: a starter that waited for every
+        # earlier service (or started in waves) would never get there.
+        with anyio.fail_after(5):
+            await fast_running.wait()
+        yield "slow"
+
+    simple(lc, log, "fast")
+
+    @lc.service
+    async def fast_follower(fast: str) -> AsyncIterator[str]:
+        fast_running.set()
+        yield "follower"
+
+    simple(lc, log, "last", "slow", "fast_follower")
+    async with lc.run():
+        pass
+    assert_started_before(lc, "fast_follower", "last")
+    assert_started_before(lc, "slow", "last")
+
+
+async def test_hanging_start_is_cut_at_its_start_timeout() -> None:
+    lc, log = Lifecycle(), Log()
+    simple(lc, log, "base")
+
+    @lc.service(start_timeout=0.05)
+    async def hangs(base: str) -> AsyncIterator[str]:
+        await anyio.sleep_forever()
+        yield "never"
+
+    simple(lc, log, "after", "hangs")
+    began = anyio.current_time()
+    with pytest.raises(StartupError) as info:
+        async with lc.run():
+            pytest.fail("startup should have failed")
+    assert anyio.current_time() - began < 2
+    error = info.value.failures["hangs"]
+    assert isinstance(error, TimeoutError)
+    assert "did not start within its start_timeout of 0.05s" in str(error)
+    assert info.value.rolled_back == ("base",)
+    assert "after" not in log.of("start")
+    assert log.of("stop") == ["base"]
+    assert lc.service_state("hangs") is ServiceState.FAILED
+    assert lc.service_state("after") is ServiceState.PENDING
+
+
+async def test_startup_timeout_bounds_the_whole_startup() -> None:
+    lc = Lifecycle(startup_timeout=0.1)
+
+    @lc.service(start_timeout=10)
+    async def slow() -> AsyncIterator[str]:
+        await anyio.sleep(0.06)
+        yield "slow"
+
+    @lc.service(start_timeout=10)
+    async def slower(slow: str) -> AsyncIterator[str]:
+        await anyio.sleep(0.06)
+        yield "slower"
+
+    with pytest.raises(StartupError, match=r"startup_timeout of 0\.1s ran out") as info:
+        async with lc.run():
+            pass
+    assert set(info.value.failures) == {"slower"}
+    assert info.value.rolled_back == ("slow",)
+
+
+# -- rollback ---------------------------------------------------------------------------
+
+
+async def test_failure_mid_chain_rolls_back_exactly_what_started_in_reverse() -> None:
+    lc, log = Lifecycle(), Log()
+    simple(lc, log, "a")
+    simple(lc, log, "b", "a")
+    boom = ConnectionError("database is down")
+
+    @lc.service
+    async def c(b: str) -> AsyncIterator[str]:
+        log("start", "c")
+        try:
+            raise boom
+            yield "never"  # pragma: no cover
+        finally:
+            log("finally", "c")
+
+    simple(lc, log, "d", "c")
+    simple(lc, log, "independent")
+
+    with pytest.raises(StartupError) as info:
+        async with lc.run():
+            pytest.fail("startup should have failed")
+    error = info.value
+    assert error.failures == {"c": boom}
+    assert error.__cause__ is boom
+    assert set(error.rolled_back) == {"a", "b", "independent"}
+    assert error.rolled_back.index("b") < error.rolled_back.index("a")
+    assert log.index("stop", "b") < log.index("stop", "a")
+    assert "d" not in log.of("start")
+    assert log.of("stop").count("c") == 0  # never started, so never cleaned up
+    message = str(error)
+    assert "service 'c' raised ConnectionError: database is down" in message
+    assert "Rolled back:" in message
+    assert "'a'" in message
+    assert "'b'" in message
+    assert lc.state is LifecycleState.FAILED
+    assert lc.service_state("c") is ServiceState.FAILED
+    assert lc.service_state("d") is ServiceState.PENDING
+    assert lc.service_state("a") is ServiceState.STOPPED
+
+
+async def test_failure_cancels_starts_in_progress() -> None:
+    lc = Lifecycle()
+    cancelled = []
+
+    @lc.service
+    async def slow() -> AsyncIterator[str]:
+        try:
+            await anyio.sleep_forever()
+        finally:
+            cancelled.append("slow")
+        yield "never"  # pragma: no cover
+
+    @lc.service
+    async def broken() -> AsyncIterator[str]:
+        await anyio.lowlevel.checkpoint()
+        raise ValueError("bad config")
+        yield "never"  # pragma: no cover
+
+    with pytest.raises(StartupError) as info:
+        async with lc.run():
+            pass
+    assert cancelled == ["slow"]
+    assert info.value.cancelled == ("slow",)
+    assert set(info.value.failures) == {"broken"}
+    assert "Cancelled while starting: 'slow'" in str(info.value)
+    assert lc.service_state("slow") is ServiceState.STOPPED
+
+
+async def test_outside_cancellation_during_startup_rolls_back_and_propagates() -> None:
+    lc, log = Lifecycle(), Log()
+    simple(lc, log, "a")
+    reached = anyio.Event()
+
+    @lc.service
+    async def b(a: str) -> AsyncIterator[str]:
+        reached.set()
+        await anyio.sleep_forever()
+        yield "never"
+
+    async with anyio.create_task_group() as tg:
+
+        async def run() -> None:
+            async with lc.run():
+                pytest.fail("startup should not complete")
+
+        tg.start_soon(run)
+        await reached.wait()
+        tg.cancel_scope.cancel()
+    assert log.of("stop") == ["a"]
+    assert lc.state is LifecycleState.FAILED
+    assert lc.service_state("b") is ServiceState.STOPPED
+
+
+async def test_startup_error_keeps_rollback_failures() -> None:
+    lc = Lifecycle()
+
+    @lc.service
+    async def a() -> AsyncIterator[str]:
+        yield "a"
+        raise OSError("close failed")
+
+    @lc.service
+    async def b(a: str) -> AsyncIterator[str]:
+        raise KeyError("missing")
+        yield "never"  # pragma: no cover
+
+    with pytest.raises(StartupError) as info:
+        async with lc.run():
+            pass
+    assert isinstance(info.value.rollback_errors["a"], OSError)
+    assert "Rollback cleanups that failed: 'a': OSError: close failed" in str(info.value)
+
+
+# -- shutdown -----------------------------------------------------------------------------
+
+
+async def test_independent_stops_run_concurrently() -> None:
+    lc, log = Lifecycle(), Log()
+    simple(lc, log, "base")
+    left_stopping, right_stopping = anyio.Event(), anyio.Event()
+
+    @lc.service
+    async def left(base: str) -> AsyncIterator[str]:
+        yield "left"
+        left_stopping.set()
+        with anyio.fail_after(5):  # fails if the stops run one after the other
+            await right_stopping.wait()
+
+    @lc.service
+    async def right(base: str) -> AsyncIterator[str]:
+        yield "right"
+        right_stopping.set()
+        with anyio.fail_after(5):
+            await left_stopping.wait()
+
+    async with lc.run():
+        pass
+    assert_stopped_before(lc, "left", "base")
+    assert_stopped_before(lc, "right", "base")
+
+
+async def test_hanging_cleanup_is_cut_off_and_every_other_cleanup_runs() -> None:
+    lc, log = Lifecycle(), Log()
+    simple(lc, log, "base")
+
+    @lc.service(stop_timeout=0.05)
+    async def stuck(base: str) -> AsyncIterator[str]:
+        yield "stuck"
+        log("stop", "stuck")
+        await anyio.sleep_forever()
+
+    simple(lc, log, "top", "stuck")
+    simple(lc, log, "sibling", "base")
+    with pytest.raises(ShutdownError) as info:
+        async with lc.run():
+            pass
+    assert set(info.value.errors) == {"stuck"}
+    error = info.value.errors["stuck"]
+    assert isinstance(error, TimeoutError)
+    assert "stop_timeout of 0.05s" in str(error)
+    assert "'stuck' timed out" in str(info.value)
+    assert sorted(log.of("stop")) == ["base", "sibling", "stuck", "top"]
+    assert log.of("stop")[-1] == "base"  # still after its dependents, the stuck one included
+    assert_stopped_before(lc, "stuck", "base")
+    assert lc.service_state("stuck") is ServiceState.FAILED
+    assert lc.service_state("base") is ServiceState.STOPPED
+
+
+async def test_raising_cleanup_never_prevents_the_others(caplog: pytest.LogCaptureFixture) -> None:
+    lc, log = Lifecycle(), Log()
+    simple(lc, log, "base")
+    oops = RuntimeError("flush failed")
+
+    @lc.service
+    async def flaky(base: str) -> AsyncIterator[str]:
+        yield "flaky"
+        raise oops
+
+    simple(lc, log, "top", "flaky")
+    with pytest.raises(ShutdownError) as info:
+        async with lc.run():
+            pass
+    assert info.value.errors == {"flaky": oops}
+    assert info.value.__cause__ is oops
+    assert log.of("stop") == ["top", "base"]
+    assert any("Service 'flaky' failed to stop cleanly" in r.getMessage() for r in caplog.records)
+
+
+async def test_cleanup_completes_while_the_surrounding_scope_is_cancelled() -> None:
+    lc = Lifecycle()
+    finished = []
+
+    @lc.service
+    async def db() -> AsyncIterator[str]:
+        yield "db"
+        await anyio.sleep(0.01)  # would raise Cancelled without the shield
+        await anyio.sleep(0.01)
+        finished.append("db")
+
+    with anyio.CancelScope() as outer:
+        async with lc.run():
+            outer.cancel()
+            await anyio.sleep_forever()
+    assert outer.cancelled_caught
+    assert finished == ["db"]
+    assert lc.state is LifecycleState.STOPPED
+
+
+async def test_services_owned_tasks_survive_outside_cancellation_until_their_turn() -> None:
+    lc = Lifecycle()
+    seen_alive = []
+
+    @lc.service
+    async def pump() -> AsyncIterator[list[str]]:
+        alive = ["yes"]
+
+        async def heartbeat() -> None:
+            try:
+                await anyio.sleep_forever()
+            finally:
+                alive[0] = "no"
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(heartbeat)
+            yield alive
+            tg.cancel_scope.cancel()
+
+    @lc.service
+    async def consumer(pump: list[str]) -> AsyncIterator[None]:
+        yield None
+        seen_alive.append(pump[0])
+
+    with anyio.CancelScope() as outer:
+        async with lc.run():
+            outer.cancel()
+            await anyio.sleep_forever()
+    assert seen_alive == ["yes"]
+
+
+async def test_shutdown_timeout_bounds_the_whole_shutdown() -> None:
+    lc, log = Lifecycle(shutdown_timeout=0.1), Log()
+
+    @lc.service(stop_timeout=10)
+    async def first() -> AsyncIterator[str]:
+        yield "first"
+        await anyio.sleep(0.06)
+        log("stop", "first")
+
+    @lc.service(stop_timeout=10)
+    async def second(first: str) -> AsyncIterator[str]:
+        yield "second"
+        await anyio.sleep(0.06)
+        log("stop", "second")
+
+    began = anyio.current_time()
+    with pytest.raises(ShutdownError, match=r"shutdown_timeout of 0\.1s") as info:
+        async with lc.run():
+            began = anyio.current_time()
+    assert anyio.current_time() - began < 1
+    assert log.of("stop") == ["second"]
+    assert set(info.value.errors) == {"first"}
+
+
+async def test_body_exception_wins_and_services_still_stop() -> None:
+    lc, log = Lifecycle(), Log()
+    simple(lc, log, "a")
+
+    @lc.service
+    async def b(a: str) -> AsyncIterator[str]:
+        yield "b"
+        raise OSError("close failed")
+
+    with pytest.raises(ZeroDivisionError) as info:
+        async with lc.run():
+            1 / 0  # noqa: B018
+    assert log.of("stop") == ["a"]
+    assert any("'b' raised OSError: close failed" in note for note in info.value.__notes__)
+
+
+async def test_crash_while_running_is_reported_at_shutdown(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    lc, log = Lifecycle(), Log()
+    simple(lc, log, "base")
+    crash = anyio.Event()
+
+    @lc.service
+    async def worker(base: str, *, task_status: TaskStatus[str]) -> None:
+        task_status.started("worker")
+        await crash.wait()
+        raise RuntimeError("lost connection")
+
+    simple(lc, log, "top", "worker")
+
+    async def crash_and_wait_for_it() -> None:
+        crash.set()
+        with anyio.fail_after(5):
+            # No event announces the state change; poll it.
+            while lc.service_state("worker") is not ServiceState.FAILED:  # noqa: ASYNC110
+                await anyio.sleep(0.001)
+
+    with pytest.raises(ShutdownError, match="'worker' crashed while running") as info:
+        async with lc.run():
+            await crash_and_wait_for_it()
+    assert isinstance(info.value.errors["worker"], RuntimeError)
+    assert log.of("stop") == ["top", "base"]
+    assert any("crashed while running" in r.getMessage() for r in caplog.records)
+
+
+async def test_long_running_service_is_cancelled_at_stop_in_order() -> None:
+    lc, log = Lifecycle(), Log()
+    simple(lc, log, "base")
+
+    @lc.service
+    async def listener(base: str, *, task_status: TaskStatus[str]) -> None:
+        task_status.started("listener")
+        try:
+            await anyio.sleep_forever()
+        finally:
+            log("stop", "listener")
+
+    simple(lc, log, "top", "listener")
+    async with lc.run():
+        pass
+    assert log.of("stop") == ["top", "listener", "base"]
+
+
+async def test_no_task_is_left_running_after_exit() -> None:
+    before = len(anyio.get_running_tasks())
+    lc, log = Lifecycle(), Log()
+    simple(lc, log, "a")
+
+    @lc.service
+    async def loop(a: str, *, task_status: TaskStatus[None]) -> None:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(anyio.sleep_forever)
+            task_status.started()
+            await anyio.sleep_forever()
+
+    async with lc.run():
+        assert len(anyio.get_running_tasks()) > before
+    assert len(anyio.get_running_tasks()) == before
+
+    simple(lc, log, "broken", "loop", start_timeout=0.01)
+
+    @lc.service
+    async def broken2(broken: str) -> AsyncIterator[None]:
+        yield None
+
+    lc2 = Lifecycle()
+
+    @lc2.service
+    async def ok() -> AsyncIterator[None]:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(anyio.sleep_forever)
+            yield None
+            tg.cancel_scope.cancel()
+
+    @lc2.service
+    async def fails(ok: None) -> AsyncIterator[None]:
+        raise RuntimeError("no")
+        yield None  # pragma: no cover
+
+    with pytest.raises(StartupError):
+        async with lc2.run():
+            pass
+    assert len(anyio.get_running_tasks()) == before
+
+
+# -- state, timeline, access ------------------------------------------------------------
+
+
+async def test_states_timeline_and_summary(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="lifecycle")
+    lc, log = Lifecycle(), Log()
+    simple(lc, log, "settings")
+
+    @lc.service
+    async def db(settings: str) -> AsyncIterator[str]:
+        await anyio.sleep(0.02)
+        yield "db"
+
+    simple(lc, log, "api", "db")
+    assert lc.service_state("db") is ServiceState.PENDING
+    assert lc.state is LifecycleState.IDLE
+    async with lc.run():
+        assert {lc.service_state(n) for n in ("settings", "db", "api")} == {ServiceState.RUNNING}
+    timeline = lc.timeline()
+    assert timeline.start_order == ["settings", "db", "api"]
+    assert timeline.stop_order == ["api", "db", "settings"]
+    assert timeline.slowest_chain == ("settings", "db", "api")
+    db_entry = timeline["db"]
+    assert db_entry.start_duration is not None
+    assert db_entry.start_duration >= 0.015
+    table = str(timeline)
+    assert table.splitlines()[0].split()[:3] == ["service", "state", "start"]
+    assert "db        stopped" in table
+    summary = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Started")]
+    assert len(summary) == 1
+    assert summary[0].startswith("Started 3 services in ")
+    assert "slowest chain: settings (" in summary[0]
+    assert "-> db (" in summary[0]
+    assert "-> api (" in summary[0]
+
+
+async def test_get_outside_a_run_explains_how_to_fix_it() -> None:
+    lc = Lifecycle()
+
+    @lc.service
+    async def db() -> AsyncIterator[str]:
+        yield "db"
+
+    with pytest.raises(ServiceNotRunning, match=r"lifespan=lc\.lifespan") as info:
+        lc.get(db)
+    assert isinstance(info.value, LookupError)
+    async with lc.run():
+        assert lc.get("db") == "db"
+    with pytest.raises(ServiceNotRunning, match="it is stopped"):
+        lc.get(db)
+    with pytest.raises(LookupError, match="No service named 'dv' is declared"):
+        lc.get("dv")
+
+
+async def test_a_lifecycle_runs_one_lifespan_at_a_time_and_can_run_again() -> None:
+    lc, log = Lifecycle(), Log()
+    simple(lc, log, "a")
+    async with lc.run():
+        with pytest.raises(RuntimeError, match="already running"):
+            async with lc.run():
+                pass
+    async with lc.run():
+        pass
+    assert log.of("start") == ["a", "a"]
+    assert log.of("stop") == ["a", "a"]
+
+
+async def test_wait_started_from_another_task() -> None:
+    lc, log = Lifecycle(), Log()
+    simple(lc, log, "a")
+    got: list[Any] = []
+
+    async def waiter() -> None:
+        got.append(await lc.wait_started())
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(waiter)
+        await anyio.lowlevel.checkpoint()
+        async with lc.run():
+            await anyio.sleep(0.01)
+            assert got
+            assert got[0]["a"] == "a-value"
+
+
+async def test_wait_started_raises_the_startup_error() -> None:
+    lc = Lifecycle()
+
+    @lc.service
+    async def broken() -> AsyncIterator[None]:
+        await anyio.sleep(0.01)
+        raise RuntimeError("nope")
+        yield None  # pragma: no cover
+
+    errors: list[BaseException] = []
+
+    async def waiter() -> None:
+        try:
+            await lc.wait_started()
+        except StartupError as exc:
+            errors.append(exc)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(waiter)
+        await anyio.lowlevel.checkpoint()
+        with pytest.raises(StartupError):
+            async with lc.run():
+                pass
+    assert len(errors) == 1

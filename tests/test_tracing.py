@@ -1,0 +1,417 @@
+"""OpenTelemetry spans, captured with the SDK's in-memory exporter."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+
+import anyio
+import anyio.lowlevel
+import pytest
+from anyio.abc import TaskStatus
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import StatusCode, Tracer
+from prometheus_client import CollectorRegistry, generate_latest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse
+from starlette.routing import Route
+
+from lifecycle import Lifecycle, StartupError, instrument_metrics, instrument_tracing
+from lifecycle.testing import lifespan_client
+
+pytestmark = pytest.mark.anyio
+
+
+class Spans:
+    """The finished spans, looked up by name."""
+
+    def __init__(self) -> None:
+        self.exporter = InMemorySpanExporter()
+        self.provider = TracerProvider()
+        self.provider.add_span_processor(SimpleSpanProcessor(self.exporter))
+        self.tracer: Tracer = self.provider.get_tracer("tests")
+
+    def all(self) -> Sequence[ReadableSpan]:
+        return self.exporter.get_finished_spans()
+
+    def named(self, name: str) -> list[ReadableSpan]:
+        return [span for span in self.all() if span.name == name]
+
+    def one(self, name: str) -> ReadableSpan:
+        found = self.named(name)
+        assert len(found) == 1, f"{len(found)} spans named {name!r} in {self.names()}"
+        return found[0]
+
+    def names(self) -> list[str]:
+        return [span.name for span in self.all()]
+
+
+@pytest.fixture
+def spans() -> Spans:
+    return Spans()
+
+
+def parent_of(span: ReadableSpan) -> int | None:
+    return span.parent.span_id if span.parent is not None else None
+
+
+def span_id(span: ReadableSpan) -> int:
+    assert span.context is not None
+    return span.context.span_id
+
+
+def trace_id(span: ReadableSpan) -> int:
+    assert span.context is not None
+    return span.context.trace_id
+
+
+def linked(span: ReadableSpan) -> set[int]:
+    return {link.context.span_id for link in span.links}
+
+
+# -- startup and shutdown -----------------------------------------------------------------
+
+
+async def test_start_and_stop_spans_follow_the_dependency_graph(spans: Spans) -> None:
+    lc = Lifecycle()
+    tracer = spans.tracer
+
+    @lc.service
+    async def settings() -> AsyncIterator[str]:
+        yield "settings"
+
+    @lc.service
+    async def db(settings: str) -> AsyncIterator[str]:
+        with tracer.start_as_current_span("connect"):
+            await anyio.lowlevel.checkpoint()
+        yield "db"
+        with tracer.start_as_current_span("disconnect"):
+            await anyio.lowlevel.checkpoint()
+
+    @lc.service
+    async def cache(settings: str, *, task_status: TaskStatus[str]) -> None:
+        with tracer.start_as_current_span("warm"):
+            await anyio.lowlevel.checkpoint()
+        task_status.started("cache")
+        await anyio.sleep_forever()
+
+    @lc.service
+    async def api(db: str, cache: str) -> AsyncIterator[str]:
+        yield "api"
+
+    instrument_tracing(lc, tracer_provider=spans.provider)
+    async with lc.run():
+        pass
+
+    startup, shutdown = spans.one("lifecycle startup"), spans.one("lifecycle shutdown")
+    assert startup.parent is None
+    assert shutdown.parent is None
+    assert startup.attributes is not None
+    assert startup.attributes["lifecycle.services"] == 4
+    start = {name: spans.one(f"start {name}") for name in ("settings", "db", "cache", "api")}
+    stop = {name: spans.one(f"stop {name}") for name in ("settings", "db", "cache", "api")}
+    for name in start:
+        assert parent_of(start[name]) == span_id(startup)
+        assert trace_id(start[name]) == trace_id(startup)
+        assert parent_of(stop[name]) == span_id(shutdown)
+        assert start[name].attributes is not None
+        assert start[name].attributes["lifecycle.service"] == name
+        assert start[name].status.status_code is StatusCode.UNSET
+    # Starts link to the starts of their dependencies ...
+    assert linked(start["settings"]) == set()
+    assert linked(start["db"]) == {span_id(start["settings"])}
+    assert linked(start["api"]) == {span_id(start["db"]), span_id(start["cache"])}
+    # ... stops to the stops of their dependents, which stopped before them.
+    assert linked(stop["api"]) == set()
+    assert linked(stop["db"]) == {span_id(stop["api"])}
+    assert linked(stop["settings"]) == {span_id(stop["db"]), span_id(stop["cache"])}
+    # A service's own spans nest under its start and stop spans.
+    assert parent_of(spans.one("connect")) == span_id(start["db"])
+    assert parent_of(spans.one("disconnect")) == span_id(stop["db"])
+    assert parent_of(spans.one("warm")) == span_id(start["cache"])
+    # Spans end in order: each start before its dependents' starts end.
+    assert start["settings"].end_time is not None
+    assert start["api"].start_time is not None
+    assert start["settings"].end_time <= start["api"].start_time
+
+
+async def test_a_failed_start_and_its_rollback(spans: Spans) -> None:
+    lc = Lifecycle()
+
+    @lc.service
+    async def db() -> AsyncIterator[str]:
+        yield "db"
+
+    @lc.service
+    async def cache(db: str) -> AsyncIterator[str]:
+        raise ConnectionError("cache is down")
+        yield "cache"  # pragma: no cover
+
+    instrument_tracing(lc, tracer_provider=spans.provider)
+    with pytest.raises(StartupError):
+        async with lc.run():
+            pass
+
+    startup, rollback = spans.one("lifecycle startup"), spans.one("lifecycle rollback")
+    assert startup.status.status_code is StatusCode.ERROR
+    assert "cache is down" in (startup.status.description or "")
+    assert parent_of(rollback) == span_id(startup)
+    failed = spans.one("start cache")
+    assert failed.status.status_code is StatusCode.ERROR
+    assert failed.status.description == "ConnectionError: cache is down"
+    assert [event.name for event in failed.events] == ["exception"]
+    assert parent_of(spans.one("stop db")) == span_id(rollback)
+    assert spans.named("stop cache") == []
+
+
+async def test_a_start_cancelled_by_a_timeout_is_marked(spans: Spans) -> None:
+    lc = Lifecycle()
+
+    @lc.service(start_timeout=0.01)
+    async def slow() -> AsyncIterator[str]:
+        await anyio.sleep_forever()
+        yield "never"  # pragma: no cover
+
+    instrument_tracing(lc, tracer_provider=spans.provider)
+    with pytest.raises(StartupError):
+        async with lc.run():
+            pass
+    start = spans.one("start slow")
+    assert start.status.status_code is StatusCode.ERROR
+    assert "did not start within" in (start.status.description or "")
+
+
+# -- worker jobs --------------------------------------------------------------------------
+
+
+async def test_a_job_is_a_child_of_the_request_that_submitted_it(spans: Spans) -> None:
+    lc = Lifecycle()
+    tracer = spans.tracer
+    done = anyio.Event()
+
+    @lc.worker(concurrency=2)
+    async def index(job: int) -> None:
+        with tracer.start_as_current_span("index work"):
+            await anyio.lowlevel.checkpoint()
+        done.set()
+
+    async def add_item(request: Request) -> PlainTextResponse:
+        # What an ASGI tracing middleware (opentelemetry-instrumentation-asgi) does.
+        with tracer.start_as_current_span("POST /items"):
+            index.submit_nowait(7)
+        return PlainTextResponse("queued", status_code=202)
+
+    instrument_tracing(lc, tracer_provider=spans.provider)
+    app = Starlette(lifespan=lc.lifespan, routes=[Route("/items", add_item, methods=["POST"])])
+    async with lifespan_client(app) as client:
+        assert (await client.post("/items")).status_code == 202
+        await done.wait()
+
+    request, job = spans.one("POST /items"), spans.one("job index")
+    assert parent_of(job) == span_id(request)
+    assert trace_id(job) == trace_id(request)
+    assert job.attributes is not None
+    assert job.attributes["lifecycle.pool"] == "index"
+    wait = job.attributes["lifecycle.job.wait_seconds"]
+    assert isinstance(wait, float)
+    assert wait >= 0
+    assert job.status.status_code is StatusCode.UNSET
+    assert parent_of(spans.one("index work")) == span_id(job)
+    # The job ran after the request's span had ended: it is still its child.
+    assert request.end_time is not None
+    assert job.end_time is not None
+    assert job.end_time >= request.end_time
+
+
+async def test_failed_and_timed_out_jobs(spans: Spans) -> None:
+    lc = Lifecycle()
+
+    @lc.worker(job_timeout=0.01)
+    async def work(job: str) -> None:
+        if job == "fail":
+            raise ValueError("bad input")
+        await anyio.sleep_forever()
+
+    instrument_tracing(lc, tracer_provider=spans.provider)
+    async with lc.run():
+        with pytest.raises(ValueError, match="bad input"):
+            await work.call("fail")
+        with pytest.raises(TimeoutError):
+            await work.call("hang")
+
+    failed, timed_out = spans.named("job work")
+    assert failed.parent is None  # submitted outside any span: a trace of its own
+    assert failed.status.status_code is StatusCode.ERROR
+    assert failed.status.description == "ValueError: bad input"
+    assert [event.name for event in failed.events] == ["exception"]
+    assert timed_out.status.status_code is StatusCode.ERROR
+    assert timed_out.status.description == "cancelled"
+
+
+# -- supervised tasks and periodic jobs ---------------------------------------------------
+
+
+async def test_restarts_and_periodic_runs_are_traces_linked_to_their_service(
+    spans: Spans,
+) -> None:
+    lc = Lifecycle()
+    gave_up = anyio.Event()
+    ran = anyio.Event()
+    runs = 0
+
+    @lc.background(restart="on_failure", max_restarts=2, backoff_base=0.001)
+    async def listener() -> None:
+        nonlocal runs
+        runs += 1
+        if runs == 3:
+            gave_up.set()
+        raise ConnectionError(f"lost connection {runs}")
+
+    @lc.periodic(every=3600.0, first_run="now")
+    async def report() -> None:
+        ran.set()
+        raise ValueError("no report")
+
+    instrument_tracing(lc, tracer_provider=spans.provider)
+    async with lc.run():
+        await gave_up.wait()
+        await ran.wait()
+
+    start_listener = spans.one("start background:listener")
+    restarts = spans.named("restart listener")
+    assert len(restarts) == 2
+    for number, restart in enumerate(restarts, start=1):
+        assert restart.parent is None
+        assert linked(restart) == {span_id(start_listener)}
+        assert restart.attributes is not None
+        assert restart.attributes["lifecycle.task"] == "listener"
+        assert restart.attributes["lifecycle.restart"] == number
+        assert restart.attributes["lifecycle.error"] == f"ConnectionError: lost connection {number}"
+        backoff = restart.attributes["lifecycle.backoff_seconds"]
+        assert isinstance(backoff, float)
+        assert 0 <= backoff <= 0.001 * 2 ** (number - 1)
+
+    run = spans.one("periodic report")
+    assert run.parent is None
+    assert linked(run) == {span_id(spans.one("start periodic:report"))}
+    assert run.status.status_code is StatusCode.ERROR
+    assert run.status.description == "ValueError: no report"
+
+
+async def test_the_observer_side_of_health_check_spans(spans: Spans) -> None:
+    # The health monitor does not call this hook yet; this checks what it will get.
+    lc = Lifecycle()
+
+    @lc.health_check
+    async def database() -> None:
+        pass
+
+    tracing = instrument_tracing(lc, tracer_provider=spans.provider)
+    observer = tracing._observer.health_check(database)
+
+    async def failing_run() -> None:
+        raise ConnectionError("database is down")
+
+    with pytest.raises(ConnectionError):
+        await observer.wrap(failing_run())
+    run = spans.one("health database")
+    assert run.parent is None
+    assert run.attributes is not None
+    assert run.attributes["lifecycle.check"] == "database"
+    assert run.status.description == "ConnectionError: database is down"
+
+
+# -- alongside metrics, and enabling ------------------------------------------------------
+
+
+async def test_metrics_and_tracing_together(spans: Spans) -> None:
+    lc = Lifecycle()
+
+    @lc.worker
+    async def work(job: int) -> int:
+        return job
+
+    registry = CollectorRegistry()
+    metrics = instrument_metrics(lc, registry=registry)
+    tracing = instrument_tracing(lc, tracer_provider=spans.provider)
+    async with lc.run():
+        assert await work.call(1) == 1
+    assert len(spans.named("job work")) == 1
+    assert (
+        'lifecycle_pool_jobs_completed_total{pool="work"} 1.0' in generate_latest(registry).decode()
+    )
+
+    tracing.close()  # metrics go on, traces stop
+    async with lc.run():
+        assert await work.call(2) == 2
+    assert len(spans.named("job work")) == 1
+    assert (
+        'lifecycle_pool_job_run_duration_seconds_count{pool="work"} 2.0'
+        in generate_latest(registry).decode()
+    )
+    metrics.close()
+    assert lc._observer is None
+
+
+async def test_instrument_tracing_refuses_what_it_cannot_do(spans: Spans) -> None:
+    lc = Lifecycle()
+    with pytest.raises(TypeError, match="traces a Lifecycle"):
+        instrument_tracing("lc")  # type: ignore[arg-type]
+    tracing = instrument_tracing(lc, tracer_provider=spans.provider)
+    with pytest.raises(RuntimeError, match="already enabled"):
+        instrument_tracing(lc, tracer_provider=spans.provider)
+    tracing.close()
+    async with lc.run():
+        with pytest.raises(RuntimeError, match="before the app starts"):
+            instrument_tracing(lc, tracer_provider=spans.provider)
+
+
+async def test_each_health_check_run_is_a_span(spans: Spans) -> None:
+    lc = Lifecycle()
+
+    @lc.service
+    async def db() -> AsyncIterator[str]:
+        yield "db"
+
+    @lc.health_check(interval=0.01, timeout=1)
+    async def ping(db: str) -> None:
+        pass
+
+    instrument_tracing(lc, tracer_provider=spans.provider)
+    async with lc.run():
+        with anyio.fail_after(5):
+            while len(spans.named("health ping")) < 2:  # noqa: ASYNC110 - runs are periodic
+                await anyio.sleep(0.01)
+    assert all(span.parent is None for span in spans.named("health ping"))  # own traces
+
+
+async def test_the_request_span_gets_the_deadline(spans: Spans) -> None:
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+
+    import lifecycle
+    from lifecycle.testing import lifespan_client
+
+    async def quick(request: object) -> PlainTextResponse:
+        return PlainTextResponse("ok")
+
+    lc = Lifecycle()
+    tracing = instrument_tracing(lc, tracer_provider=spans.provider)
+    tracer = spans.provider.get_tracer("test")
+    try:
+        app = lifecycle.DeadlineMiddleware(
+            Starlette(routes=[Route("/", quick)], lifespan=lc.lifespan), max_timeout=1.0
+        )
+        async with lifespan_client(app) as client:
+            with tracer.start_as_current_span("GET /"):  # what a server instrumentation opens
+                assert (await client.get("/", headers={"x-request-timeout-ms": "3000"})).is_success
+    finally:
+        tracing.close()
+    attributes = spans.one("GET /").attributes or {}
+    assert attributes["lifecycle.deadline.client_budget_ms"] == 3000
+    assert attributes["lifecycle.deadline.budget_ms"] == 1000  # clamped to max_timeout
+    assert 900 < int(attributes["lifecycle.deadline.remaining_ms"]) <= 1000  # type: ignore[arg-type]
+    assert attributes["lifecycle.deadline.outcome"] == "completed"

@@ -1,0 +1,673 @@
+"""Worker pools, supervised tasks and periodic jobs."""
+
+from __future__ import annotations
+
+import contextvars
+import itertools
+import logging
+import os
+import threading
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+import anyio.lowlevel
+import pytest
+
+from lifecycle import (
+    JobAbandoned,
+    Lifecycle,
+    PoolClosed,
+    QueueFull,
+    SupervisorState,
+)
+from lifecycle.testing import assert_stopped_before
+
+pytestmark = pytest.mark.anyio
+
+request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+
+
+def cpu_square(n: int) -> tuple[int, int]:
+    """Runs in a worker process."""
+    return n * n, os.getpid()
+
+
+async def test_jobs_run_with_injected_services_and_results() -> None:
+    lc = Lifecycle()
+
+    @lc.service
+    async def prefix() -> AsyncIterator[str]:
+        yield "done:"
+
+    @lc.worker(concurrency=2, queue_size=10)
+    async def handle(job: int, prefix: str) -> str:
+        await anyio.lowlevel.checkpoint()
+        return f"{prefix}{job}"
+
+    async with lc.run():
+        assert await handle.call(7) == "done:7"
+        await handle.submit(1)
+        handle.submit_nowait(2)
+    stats = handle.statistics()
+    assert (stats.accepted, stats.completed, stats.failed, stats.abandoned) == (3, 3, 0, 0)
+    assert (stats.queued, stats.running) == (0, 0)
+
+
+async def test_backpressure_submit_waits_and_submit_nowait_raises() -> None:
+    lc = Lifecycle()
+    release = anyio.Event()
+    started = anyio.Event()
+
+    @lc.worker(concurrency=1, queue_size=2)
+    async def handle(job: int) -> None:
+        started.set()
+        await release.wait()
+
+    async with lc.run():
+        await handle.submit(0)  # taken by the worker
+        await started.wait()
+        await handle.submit(1)
+        await handle.submit(2)  # queue is now full
+        with pytest.raises(QueueFull, match="'handle' is full"):
+            handle.submit_nowait(3)
+        assert handle.statistics().rejected == 1
+
+        done = anyio.Event()
+
+        async def blocked_submit() -> None:
+            await handle.submit(4)
+            done.set()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(blocked_submit)
+            await anyio.sleep(0.05)
+            assert not done.is_set()  # waiting for room: backpressure
+            release.set()
+            with anyio.fail_after(5):
+                await done.wait()
+    stats = handle.statistics()
+    assert stats.accepted == stats.completed == 4
+
+
+async def test_reject_overflow_raises_queue_full_from_submit() -> None:
+    lc = Lifecycle()
+    release = anyio.Event()
+
+    @lc.worker(concurrency=1, queue_size=1, overflow="reject")
+    async def handle(job: int) -> None:
+        await release.wait()
+
+    async with lc.run():
+        await handle.submit(0)
+        await anyio.sleep(0.01)
+        await handle.submit(1)
+        with pytest.raises(QueueFull):
+            await handle.submit(2)
+        release.set()
+
+
+async def test_concurrency_never_exceeds_its_bound() -> None:
+    lc = Lifecycle()
+    running = peak = 0
+
+    @lc.worker(concurrency=3, queue_size=5)
+    async def handle(job: int) -> None:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        await anyio.sleep(0.001)
+        running -= 1
+
+    async with lc.run():
+        for i in range(60):
+            await handle.submit(i)
+    assert peak == 3
+    assert handle.statistics().completed == 60
+
+
+async def test_a_failing_handler_never_kills_the_pool(caplog: pytest.LogCaptureFixture) -> None:
+    lc = Lifecycle()
+
+    @lc.worker(concurrency=1, queue_size=10)
+    async def handle(job: int) -> int:
+        if job % 2:
+            raise ValueError(f"odd job {job}")
+        return job
+
+    async with lc.run():
+        for i in range(6):
+            await handle.submit(i)
+        with pytest.raises(ValueError, match="odd job 7"):
+            await handle.call(7)
+        assert await handle.call(8) == 8
+    stats = handle.statistics()
+    assert (stats.completed, stats.failed) == (4, 4)
+    assert any("job 3 failed: odd job 3" in r.getMessage() for r in caplog.records)
+
+
+async def test_job_timeout_fails_the_job() -> None:
+    lc = Lifecycle()
+
+    @lc.worker(concurrency=1, job_timeout=0.05)
+    async def handle(job: float) -> None:
+        await anyio.sleep(job)
+
+    async with lc.run():
+        with pytest.raises(TimeoutError, match="ran out of time"):
+            await handle.call(10)
+        await handle.call(0)
+    assert handle.statistics().failed == 1
+
+
+async def test_drain_finishes_queued_jobs_before_dependencies_stop() -> None:
+    lc = Lifecycle()
+    log: list[str] = []
+
+    @lc.service
+    async def db() -> AsyncIterator[list[str]]:
+        yield log
+        log.append("db closed")
+
+    @lc.worker(concurrency=1, queue_size=20, drain_timeout=5)
+    async def handle(job: int, db: list[str]) -> None:
+        await anyio.sleep(0.001)
+        db.append(f"job {job}")
+
+    async with lc.run():
+        for i in range(10):
+            handle.submit_nowait(i)
+    assert log == [f"job {i}" for i in range(10)] + ["db closed"]
+    assert_stopped_before(lc, "worker:handle", "db")
+    with pytest.raises(PoolClosed, match="the app has stopped"):
+        await handle.submit(99)
+
+
+async def test_submitting_before_start_is_a_clear_error() -> None:
+    lc = Lifecycle()
+
+    @lc.worker
+    async def handle(job: int) -> None:
+        pass
+
+    with pytest.raises(PoolClosed, match="not accepting jobs: it has not started"):
+        handle.submit_nowait(1)
+
+
+async def test_drain_deadline_abandons_and_accounts_for_every_job() -> None:
+    lc = Lifecycle()
+    abandoned: list[tuple[int, str]] = []
+    waiter_errors: list[BaseException] = []
+
+    @lc.worker(
+        concurrency=2,
+        queue_size=10,
+        drain_timeout=0.1,
+        on_abandoned=lambda job, why: abandoned.append((job, why)),
+    )
+    async def handle(job: int) -> None:
+        await anyio.sleep_forever()
+
+    async def call_and_record() -> None:
+        try:
+            await handle.call(100)
+        except JobAbandoned as exc:
+            waiter_errors.append(exc)
+
+    async with anyio.create_task_group() as tg, lc.run():
+        for i in range(5):
+            await handle.submit(i)
+        tg.start_soon(call_and_record)
+        await anyio.sleep(0.02)
+    stats = handle.statistics()
+    assert stats.accepted == 6
+    assert stats.abandoned == 6
+    assert stats.accepted == stats.completed + stats.failed + stats.abandoned
+    assert sorted(job for job, _ in abandoned) == [0, 1, 2, 3, 4, 100]
+    assert {why for _, why in abandoned} == {
+        "it was cancelled when the drain_timeout ran out",
+        "the drain_timeout ran out before it started",
+    }
+    assert len(waiter_errors) == 1
+    assert "was abandoned" in str(waiter_errors[0])
+
+
+async def test_submitters_waiting_for_room_get_pool_closed_at_drain() -> None:
+    lc = Lifecycle()
+    errors: list[BaseException] = []
+
+    @lc.worker(concurrency=1, queue_size=1, drain_timeout=0.05)
+    async def handle(job: int) -> None:
+        await anyio.sleep_forever()
+
+    async def submit_blocked() -> None:
+        try:
+            await handle.submit(3)
+        except PoolClosed as exc:
+            errors.append(exc)
+
+    async with anyio.create_task_group() as tg, lc.run():
+        await handle.submit(1)
+        await anyio.sleep(0.01)
+        await handle.submit(2)
+        tg.start_soon(submit_blocked)
+        await anyio.sleep(0.01)
+    assert len(errors) == 1
+    assert "stopped accepting jobs while this one waited" in str(errors[0])
+    stats = handle.statistics()
+    assert stats.accepted == 2 == stats.abandoned
+
+
+async def test_sync_handlers_run_in_threads_under_the_concurrency_limit() -> None:
+    lc = Lifecycle()
+    threads: set[int] = set()
+    running = peak = 0
+    lock = threading.Lock()
+
+    @lc.worker(concurrency=3, queue_size=20)
+    def handle(job: int) -> int:
+        nonlocal running, peak
+        with lock:
+            running += 1
+            peak = max(peak, running)
+        threads.add(threading.get_ident())
+        threading.Event().wait(0.01)
+        with lock:
+            running -= 1
+        return job * 2
+
+    async with lc.run():
+        results = []
+        async with anyio.create_task_group() as tg:
+
+            async def call(i: int) -> None:
+                results.append(await handle.call(i))
+
+            for i in range(12):
+                tg.start_soon(call, i)
+    assert sorted(results) == [i * 2 for i in range(12)]
+    assert threading.get_ident() not in threads
+    assert peak == 3
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_cpu_bound_handlers_run_in_processes() -> None:
+    lc = Lifecycle()
+    pool = lc.worker(cpu_square, concurrency=2, cpu_bound=True)
+    async with lc.run():
+        value, pid = await pool.call(12)
+    assert value == 144
+    assert pid != os.getpid()
+
+
+def test_cpu_bound_handler_must_be_plain_and_take_only_the_job() -> None:
+    lc = Lifecycle()
+
+    async def handle(job: int) -> int:
+        return job
+
+    with pytest.raises(TypeError, match="must be a plain"):
+        lc.worker(handle, cpu_bound=True)
+
+
+async def test_jobs_keep_context_variables_but_not_the_deadline() -> None:
+    lc = Lifecycle()
+    seen: list[tuple[str, float]] = []
+
+    @lc.worker
+    async def handle(job: int) -> None:
+        seen.append((request_id.get(), anyio.current_effective_deadline()))
+
+    @lc.worker(name="bounded", inherit_deadline=True)
+    async def handle_bounded(job: int) -> None:
+        seen.append((request_id.get(), anyio.current_effective_deadline()))
+
+    async with lc.run():
+        token = request_id.set("req-42")
+        try:
+            with anyio.move_on_after(30) as scope:
+                await handle.call(1)
+                await handle_bounded.call(2)
+        finally:
+            request_id.reset(token)
+    assert seen[0] == ("req-42", float("inf"))
+    assert seen[1] == ("req-42", scope.deadline)
+    assert request_id.get() == "-"
+
+
+def test_bad_pool_options_are_rejected() -> None:
+    lc = Lifecycle()
+
+    async def handle(job: int) -> None:
+        pass
+
+    with pytest.raises(ValueError, match="concurrency must be a positive integer"):
+        lc.worker(handle, concurrency=0)
+    with pytest.raises(ValueError, match="overflow must be 'wait'"):
+        lc.worker(handle, overflow="drop")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="drain_timeout must be a positive"):
+        lc.worker(handle, drain_timeout=-1)
+
+
+# -- supervised tasks ---------------------------------------------------------------------
+
+
+def run_on_mock_clock(fn: Any) -> None:
+    trio_testing = pytest.importorskip("trio.testing")
+    anyio.run(
+        fn, backend="trio", backend_options={"clock": trio_testing.MockClock(autojump_threshold=0)}
+    )
+
+
+def test_restarts_back_off_exponentially_with_full_jitter(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    starts: list[float] = []
+    caps: list[float] = []
+    lc = Lifecycle()
+
+    @lc.background(max_restarts=4, within=1000, backoff_base=1.0, backoff_max=5.0)
+    async def flaky() -> None:
+        starts.append(anyio.current_time())
+        raise ConnectionError("lost")
+
+    def full_delay(low: float, high: float) -> float:
+        caps.append(high)
+        return high  # the top of the jitter range, so the timing is predictable
+
+    monkeypatch.setattr("lifecycle._workers.random.uniform", full_delay)
+
+    async def main() -> None:
+        async with lc.run():
+            with anyio.fail_after(100):
+                while not flaky.gave_up:  # noqa: ASYNC110 - virtual time
+                    await anyio.sleep(0.5)
+
+    run_on_mock_clock(main)
+    assert caps == [1.0, 2.0, 4.0, 5.0]  # doubling, capped at backoff_max
+    gaps = [round(b - a, 6) for a, b in itertools.pairwise(starts)]
+    assert gaps == [1.0, 2.0, 4.0, 5.0]
+    stats = flaky.statistics()
+    assert stats.state is SupervisorState.GAVE_UP
+    assert (stats.starts, stats.restarts, stats.failures) == (5, 4, 5)
+    assert stats.last_error == "ConnectionError: lost"
+
+
+def test_jitter_spreads_restart_delays() -> None:
+    lc = Lifecycle()
+
+    @lc.background(backoff_base=1.0, backoff_max=8.0)
+    async def task() -> None:
+        pass
+
+    delays = [task.delay(3) for _ in range(500)]
+    assert all(0 <= d <= 4.0 for d in delays)
+    assert min(delays) < 0.5
+    assert max(delays) > 3.5
+
+
+def test_restart_intensity_window_forgets_old_restarts() -> None:
+    lc = Lifecycle()
+    runs = 0
+
+    @lc.background(max_restarts=2, within=10, backoff_base=0.01, backoff_max=0.01)
+    async def sometimes() -> None:
+        nonlocal runs
+        runs += 1
+        await anyio.sleep(6)  # each run lasts 6 s: never 3 restarts within 10 s
+        raise RuntimeError("again")
+
+    async def main() -> None:
+        async with lc.run():
+            await anyio.sleep(100)
+            assert not sometimes.gave_up
+
+    run_on_mock_clock(main)
+    assert runs > 10
+
+
+async def test_restart_policies() -> None:
+    lc = Lifecycle()
+    counts = {"always": 0, "on_failure": 0, "never": 0}
+    all_done = anyio.Event()
+
+    @lc.background(restart="always", backoff_base=0.001, backoff_max=0.001, max_restarts=100)
+    async def always() -> None:
+        counts["always"] += 1
+        if counts["always"] >= 3:
+            all_done.set()
+            await anyio.sleep_forever()
+
+    @lc.background(restart="on_failure", backoff_base=0.001, backoff_max=0.001)
+    async def on_failure() -> None:
+        counts["on_failure"] += 1
+
+    @lc.background(restart="never")
+    async def never() -> None:
+        counts["never"] += 1
+        raise RuntimeError("once")
+
+    async with lc.run():
+        with anyio.fail_after(5):
+            await all_done.wait()
+        await anyio.sleep(0.02)
+        assert never.statistics().state is SupervisorState.EXITED
+        assert on_failure.statistics().state is SupervisorState.EXITED
+    assert counts == {"always": 3, "on_failure": 1, "never": 1}
+    assert always.statistics().state is SupervisorState.STOPPED
+
+
+async def test_give_up_with_shutdown_escalation_raises_sigterm(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    raised: list[int] = []
+    monkeypatch.setattr("lifecycle._workers.signal.raise_signal", raised.append)
+    lc = Lifecycle()
+
+    @lc.background(max_restarts=1, backoff_base=0.001, backoff_max=0.001, on_give_up="shutdown")
+    async def doomed() -> None:
+        raise RuntimeError("no")
+
+    async with lc.run():
+        with anyio.fail_after(5):
+            while not doomed.gave_up:  # noqa: ASYNC110 - no event to wait on
+                await anyio.sleep(0.001)
+    import signal
+
+    assert raised == [signal.SIGTERM]
+
+
+# -- periodic jobs ------------------------------------------------------------------------
+
+
+def test_periodic_runs_on_schedule_without_overlap_and_survives_failures(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    lc = Lifecycle()
+    starts: list[float] = []
+    active = 0
+    overlapped = False
+
+    @lc.periodic(every=10, timeout=25)
+    async def tick() -> None:
+        nonlocal active, overlapped
+        starts.append(anyio.current_time())
+        active += 1
+        overlapped = overlapped or active > 1
+        try:
+            if len(starts) == 2:
+                raise RuntimeError("second run fails")
+            if len(starts) == 3:
+                await anyio.sleep(15)  # longer than the period
+        finally:
+            active -= 1
+
+    async def main() -> None:
+        origin = anyio.current_time()
+        async with lc.run():
+            await anyio.sleep(61)
+        starts[:] = [round(t - origin, 6) for t in starts]
+
+    run_on_mock_clock(main)
+    assert not overlapped
+    assert starts == [10.0, 20.0, 30.0, 45.0, 55.0]  # the long run delays, never bunches
+    stats = tick.statistics()
+    assert (stats.runs, stats.failures, stats.timeouts) == (5, 1, 0)
+    assert any("second run fails" in r.getMessage() for r in caplog.records)
+
+
+def test_periodic_first_run_now_and_timeout() -> None:
+    lc = Lifecycle()
+    starts: list[float] = []
+
+    @lc.periodic(every=5, timeout=1, first_run="now")
+    async def slow() -> None:
+        starts.append(anyio.current_time())
+        await anyio.sleep(3)
+
+    async def main() -> None:
+        origin = anyio.current_time()
+        async with lc.run():
+            await anyio.sleep(11.5)
+        starts[:] = [round(t - origin, 6) for t in starts]
+
+    run_on_mock_clock(main)
+    assert starts == [0.0, 5.0, 10.0]
+    assert slow.statistics().timeouts == 3
+
+
+async def test_periodic_lets_a_run_in_progress_finish_at_stop() -> None:
+    lc = Lifecycle()
+    finished = []
+    started = anyio.Event()
+
+    @lc.periodic(every=0.01, first_run="now")
+    async def job() -> None:
+        started.set()
+        await anyio.sleep(0.05)
+        finished.append(True)
+
+    async with lc.run():
+        await started.wait()
+    assert finished == [True]
+    assert job.statistics().running is False
+
+
+async def test_nothing_runs_after_exit() -> None:
+    before = len(anyio.get_running_tasks())
+    lc = Lifecycle()
+
+    @lc.worker(concurrency=4)
+    async def handle(job: int) -> None:
+        await anyio.sleep(0.001)
+
+    @lc.background
+    async def forever() -> None:
+        await anyio.sleep_forever()
+
+    @lc.periodic(every=0.01)
+    async def tick() -> None:
+        pass
+
+    async with lc.run():
+        for i in range(10):
+            await handle.submit(i)
+        assert len(anyio.get_running_tasks()) > before
+    assert len(anyio.get_running_tasks()) == before
+    assert logging.getLogger("lifecycle.workers")  # the logger exists for configuration
+
+
+# -- the HTTP edge ------------------------------------------------------------------------
+
+
+async def test_queue_full_becomes_503_with_retry_after() -> None:
+    from fastapi import FastAPI
+
+    from lifecycle.starlette import exception_handlers
+    from lifecycle.testing import lifespan_client
+
+    lc = Lifecycle()
+    release = anyio.Event()
+
+    @lc.worker(concurrency=1, queue_size=1)
+    async def handle(job: int) -> None:
+        await release.wait()
+
+    app = FastAPI(lifespan=lc.lifespan, exception_handlers=exception_handlers(retry_after=3))
+
+    @app.post("/jobs/{job}", status_code=202)
+    async def enqueue(job: int) -> dict[str, int]:
+        handle.submit_nowait(job)
+        return {"queued": job}
+
+    async with lifespan_client(app) as client:
+        statuses = [(await client.post("/jobs/0")).status_code]
+        await anyio.sleep(0.01)  # the worker takes job 0 and holds it
+        statuses.append((await client.post("/jobs/1")).status_code)  # fills the queue
+        response = await client.post("/jobs/2")
+        release.set()
+    assert statuses == [202, 202]
+    assert response.status_code == 503
+    assert response.headers["retry-after"] == "3"
+    assert response.headers["content-type"] == "application/problem+json"
+    assert response.json()["status"] == 503
+
+
+async def test_giving_up_fails_readiness_and_liveness() -> None:
+    from starlette.applications import Starlette
+
+    from lifecycle.starlette import health_routes
+    from lifecycle.testing import lifespan_client
+
+    lc = Lifecycle()
+
+    @lc.background(max_restarts=1, backoff_base=0.001, backoff_max=0.001)
+    async def doomed() -> None:
+        raise ConnectionError("broker unreachable")
+
+    app = Starlette(routes=health_routes(lc), lifespan=lc.lifespan)
+    async with lifespan_client(app) as client:
+        with anyio.fail_after(5):
+            while not doomed.gave_up:  # noqa: ASYNC110 - no event to wait on
+                await anyio.sleep(0.001)
+        ready = await client.get("/readyz")
+        live = await client.get("/livez")
+    assert ready.status_code == 503
+    assert live.status_code == 503
+    assert "background:doomed" in ready.text
+
+
+async def test_sync_jobs_submitted_in_a_request_do_not_see_its_deadline() -> None:
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    import lifecycle
+    from lifecycle.testing import lifespan_client
+
+    lc = Lifecycle()
+    seen: dict[str, object] = {}
+
+    @lc.worker
+    def app_scoped(job: str) -> None:
+        seen[job] = lifecycle.remaining()
+
+    @lc.worker(name="bounded", inherit_deadline=True)
+    def request_scoped(job: str) -> None:
+        seen[job] = lifecycle.remaining()
+
+    async def endpoint(request: Request) -> JSONResponse:
+        await app_scoped.call("app")
+        await request_scoped.call("request")
+        return JSONResponse({"in request": lifecycle.remaining()})
+
+    app = lifecycle.DeadlineMiddleware(
+        Starlette(routes=[Route("/", endpoint)], lifespan=lc.lifespan), default_timeout=30
+    )
+    async with lifespan_client(app) as client:
+        response = await client.get("/")
+    assert response.json()["in request"] > 20
+    assert seen["app"] is None
+    assert isinstance(seen["request"], float)
+    assert 20 < seen["request"] <= 30
