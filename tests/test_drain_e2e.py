@@ -186,9 +186,18 @@ async def test_a_hanging_cleanup_is_cut_off_and_named(server_factory: object) ->
     assert "Service 'db' stopped" in log  # the others still stopped cleanly
 
 
+# uvicorn's multi-process supervisor (uvicorn/supervisors/multiprocess.py) only records a
+# signal in its handler; its main loop polls for it every 0.5 s and then terminates the
+# workers. A worker can therefore learn of the SIGTERM up to this long after it was sent.
+SUPERVISOR_POLL = 0.5
+WORKERS_DRAIN_DELAY = 2.0
+
+
 async def test_each_worker_process_drains_under_workers_2(server_factory: object) -> None:
     """uvicorn --workers 2: the supervisor forwards SIGTERM, and every worker drains."""
-    server = server_factory(WORKERS="2")  # type: ignore[operator]
+    server = server_factory(  # type: ignore[operator]
+        WORKERS="2", DRAIN_DELAY=str(WORKERS_DRAIN_DELAY)
+    )
     async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
         await wait_ready(client, server)
         with anyio.fail_after(30):  # both workers, not just the first, have started
@@ -196,25 +205,26 @@ async def test_each_worker_process_drains_under_workers_2(server_factory: object
                 await anyio.sleep(0.05)
         sent = time.monotonic()
         server.process.send_signal(signal.SIGTERM)
-        # The signal reaches the workers through uvicorn's supervisor, which takes a moment
-        # more than the single-process case; from the first failing answer on, new
-        # connections land on either worker and every one must fail readiness while liveness
+        # Readiness must fail once the supervisor has had its poll to forward the signal, plus
+        # the 100 ms the single-process test allows. From the first failing answer on, new
+        # connections land on either worker, and every one must fail readiness while liveness
         # holds, for the rest of the drain delay.
         async with httpx.AsyncClient(base_url=server.url, timeout=5) as fresh:
-            with anyio.fail_after(DRAIN_DELAY / 2):
+            with anyio.fail_after(SUPERVISOR_POLL + 0.25):
                 while (await fresh.get("/readyz")).status_code != 503:  # noqa: ASYNC110
                     await anyio.sleep(0.01)
+        flipped = time.monotonic() - sent
         answers = []
-        while time.monotonic() - sent < DRAIN_DELAY * 0.8:
+        while time.monotonic() - sent < WORKERS_DRAIN_DELAY * 0.8:
             async with httpx.AsyncClient(base_url=server.url, timeout=5) as fresh:
                 answers.append((await fresh.get("/readyz")).status_code)
                 assert (await fresh.get("/livez")).status_code == 200
             await anyio.sleep(0.02)
-        assert answers
+        assert len(answers) >= 10, (flipped, answers)
         assert set(answers) == {503}, answers
         exit_code = await anyio.to_thread.run_sync(server.process.wait, 30)
     took = time.monotonic() - sent
     log = server.output()
     assert exit_code in (0, -signal.SIGTERM), log
-    assert took <= DRAIN_DELAY + GRACE + 2, f"exit took {took:.1f}s\n{log}"
+    assert took <= SUPERVISOR_POLL + WORKERS_DRAIN_DELAY + GRACE + 2, f"exit took {took:.1f}s\n{log}"
     assert log.count("Drain begun: readiness now fails.") == 2, log
