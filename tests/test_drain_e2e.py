@@ -1,8 +1,9 @@
 """The whole drain, end to end: the example app under a real uvicorn, a real SIGTERM, real
 PostgreSQL and Redis.
 
-While 20 slow requests are in flight, SIGTERM makes /readyz fail within 100 ms while /livez
-passes and new requests are still served for the drain delay; then uvicorn shuts down
+Under `uvicorn module:app` and under `fastapi run`: while 20 slow requests are in flight,
+SIGTERM makes /readyz fail within 100 ms while /livez passes and new requests are still served
+for the drain delay; then uvicorn shuts down
 gracefully, every in-flight request completes, the queued jobs drain, the services stop in
 reverse dependency order, and the process exits by itself within drain_delay + grace + 2 s.
 """
@@ -60,7 +61,7 @@ class Server:
 def server_factory(tmp_path: Path) -> Iterator[object]:
     started: list[Server] = []
 
-    def start(**extra_env: str) -> Server:
+    def start(runner: str = "uvicorn", **extra_env: str) -> Server:
         port = free_port()
         log = tmp_path / f"uvicorn-{port}.log"
         env = {
@@ -73,14 +74,22 @@ def server_factory(tmp_path: Path) -> Iterator[object]:
             "PYTHONUNBUFFERED": "1",
             **extra_env,
         }
+        if runner == "uvicorn":
+            command = [
+                *(sys.executable, "-m", "uvicorn", "example_app.main:app"),
+                *("--host", "127.0.0.1", "--port", str(port)),
+                *("--timeout-graceful-shutdown", str(int(GRACE))),
+                *(("--workers", extra_env["WORKERS"]) if "WORKERS" in extra_env else ()),
+            ]
+        else:  # FastAPI's own CLI, which runs uvicorn in process with no graceful limit
+            assert runner == "fastapi run"
+            command = [
+                *(sys.executable, "-m", "fastapi", "run", "example_app/main.py"),
+                *("--host", "127.0.0.1", "--port", str(port)),
+            ]
         with log.open("w") as sink:
             process = subprocess.Popen(
-                [
-                    *(sys.executable, "-m", "uvicorn", "example_app.main:app"),
-                    *("--host", "127.0.0.1", "--port", str(port)),
-                    *("--timeout-graceful-shutdown", str(int(GRACE))),
-                    *(("--workers", extra_env["WORKERS"]) if "WORKERS" in extra_env else ()),
-                ],
+                command,
                 cwd=ROOT,
                 env=env,
                 stdout=sink,
@@ -154,8 +163,9 @@ async def drain_scenario(server: Server) -> tuple[float, list[int], str]:
     return took, statuses, server.output()
 
 
-async def test_sigterm_drains_gracefully_in_order(server_factory: object) -> None:
-    server = server_factory()  # type: ignore[operator]
+@pytest.mark.parametrize("runner", ["uvicorn", "fastapi run"])
+async def test_sigterm_drains_gracefully_in_order(server_factory: object, runner: str) -> None:
+    server = server_factory(runner)  # type: ignore[operator]
     took, statuses, log = await drain_scenario(server)
 
     assert statuses == [200] * 20, log
@@ -226,5 +236,6 @@ async def test_each_worker_process_drains_under_workers_2(server_factory: object
     took = time.monotonic() - sent
     log = server.output()
     assert exit_code in (0, -signal.SIGTERM), log
-    assert took <= SUPERVISOR_POLL + WORKERS_DRAIN_DELAY + GRACE + 2, f"exit took {took:.1f}s\n{log}"
+    bound = SUPERVISOR_POLL + WORKERS_DRAIN_DELAY + GRACE + 2
+    assert took <= bound, f"exit took {took:.1f}s\n{log}"
     assert log.count("Drain begun: readiness now fails.") == 2, log
