@@ -403,25 +403,29 @@ class HealthCheck:
     async def _run_once(self, deps: dict[str, Any]) -> None:
         outcome: CheckResult | None = None
         done = anyio.Event()
+        attempt_scope = anyio.CancelScope()
 
         async def attempt() -> None:
             nonlocal outcome
             try:
-                own = self._of_service is not None  # a health= check gets the service's value
-                value = self._fn(deps[_VALUE]) if own else self._fn(**deps)
-                if inspect.isawaitable(value):
-                    if self._observer is not None:
-                        value = self._observer.wrap(value)
-                    value = await value
-                outcome = _as_result(value, f"health check {self.name!r}")
+                with attempt_scope:
+                    own = self._of_service is not None  # a health= check gets the service's value
+                    value = self._fn(deps[_VALUE]) if own else self._fn(**deps)
+                    if inspect.isawaitable(value):
+                        if self._observer is not None:
+                            value = self._observer.wrap(value)
+                        value = await value
+                    outcome = _as_result(value, f"health check {self.name!r}")
             except Exception as exc:
                 outcome = CheckResult(HealthStatus.FAIL, _describe(exc))
             finally:
                 done.set()
 
         # The attempt runs in a task of its own so that its timeout is recorded on time even
-        # when the check does not yield to cancellation (a thread, a shielded scope); the
-        # next run still waits for it to finish, so that runs never overlap.
+        # when the check does not yield to cancellation (a thread, a shielded scope). The next
+        # run waits for it to finish, so that runs never overlap; meanwhile each run that falls
+        # due while it is still hung counts as one more failure, so the failure threshold trips
+        # as it would for a dependency that fails fast.
         began = anyio.current_time()
         self._running = True
         try:
@@ -430,7 +434,7 @@ class HealthCheck:
                 with anyio.move_on_after(self.timeout):
                     await done.wait()
                 if not done.is_set():
-                    task_group.cancel_scope.cancel()
+                    attempt_scope.cancel()
                     self._timeouts += 1
                     self._record(
                         CheckResult(
@@ -439,6 +443,20 @@ class HealthCheck:
                         ),
                         self.timeout,
                     )
+                    due = began + self.interval
+                    while due <= anyio.current_time():  # a timeout longer than the interval
+                        due += self.interval
+                    while not done.is_set():
+                        with anyio.move_on_at(due):
+                            await done.wait()
+                        if not done.is_set():
+                            due += self.interval
+                            hung = anyio.current_time() - began
+                            message = (
+                                f"Still running {hung:.1f}s after it began, ignoring the "
+                                f"cancellation at its timeout of {self.timeout}s."
+                            )
+                            self._record(CheckResult(HealthStatus.FAIL, message), hung)
                     return
         finally:
             self._running = False

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -279,9 +280,17 @@ def test_a_check_that_ignores_cancellation_still_times_out_on_time() -> None:
             assert anyio.current_time() - began == pytest.approx(0.5)
             stats = stubborn.statistics()
             assert (stats.status, stats.timeouts, stats.running) == (FAIL, 1, True)
-            await anyio.sleep(2.75)  # the late success (at 3.0) is not a result
+            await anyio.sleep(2.75)
+            # The run due at 2.0 finds it still hung: one more failure, so the failure
+            # threshold trips as for a dependency that fails fast. Its late success (at 3.0)
+            # is not a result; the next run starts then and hangs again.
             stats = stubborn.statistics()
-            assert (stats.runs, stats.last_result, stats.running) == (1, FAIL, True)
+            assert (stats.runs, stats.failures, stats.consecutive_failures) == (2, 2, 2)
+            assert (stats.last_result, stats.running, stats.timeouts) == (FAIL, True, 1)
+            assert stats.output == (
+                "Still running 2.0s after it began, ignoring the cancellation at its "
+                "timeout of 0.5s."
+            )
 
     async def main() -> None:
         # Shutdown has to wait for it (it ignores cancellation), and names it.
@@ -289,6 +298,32 @@ def test_a_check_that_ignores_cancellation_still_times_out_on_time() -> None:
             await scenario()
 
     run_on_mock_clock(main)
+
+
+async def test_a_check_hung_in_a_thread_trips_the_failure_threshold() -> None:
+    """A blocking driver call stuck in a worker thread cannot be cancelled; readiness must
+    still fail once the threshold's worth of runs have fallen due, not stay passing."""
+    lc = Lifecycle()
+    hang, release = threading.Event(), threading.Event()
+
+    @lc.health_check(interval=0.05, timeout=0.05, failure_threshold=3)
+    async def db_ping() -> None:
+        if hang.is_set():
+            await anyio.to_thread.run_sync(release.wait)
+
+    try:
+        async with lc.run():
+            await wait_until(lambda: db_ping.statistics().status is PASS)
+            hang.set()
+            await wait_until(lambda: lc.health.readiness().status is FAIL)
+            stats = db_ping.statistics()
+            assert stats.timeouts == 1
+            assert stats.consecutive_failures >= 3
+            assert stats.running
+            release.set()
+            await wait_until(lambda: db_ping.statistics().status is PASS)
+    finally:
+        release.set()
 
 
 async def test_timeouts_in_real_time() -> None:
