@@ -127,8 +127,9 @@ app = FastAPI(
 # Every request runs under a deadline: the caller's budget (x-request-timeout-ms, grpc-timeout,
 # ...) clamped to 30 s, or 10 s by default; expiry answers 504. At most 100 requests run at
 # once; more wait up to 0.5 s, then get 503 with Retry-After. Probes and /metrics are exempt.
-app.add_middleware(lifecycle.DeadlineMiddleware, default_timeout=10.0, max_timeout=30.0)
+# The middleware added last is the outermost: the wait for a slot counts against the deadline.
 app.add_middleware(lifecycle.ConcurrencyLimitMiddleware, max_concurrency=100, max_wait=0.5)
+app.add_middleware(lifecycle.DeadlineMiddleware, default_timeout=10.0, max_timeout=30.0)
 # Probes: /livez, /readyz, /startupz, /healthz (details with HEALTH_DETAILS_TOKEN only).
 app.router.routes.extend(
     health_routes(lc, details_token=os.environ.get("HEALTH_DETAILS_TOKEN") or None)

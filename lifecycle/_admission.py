@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Final
@@ -22,6 +23,7 @@ from ._deadline import (
     Receive,
     Scope,
     Send,
+    route_path,
     send_problem,
     validate_exempt_paths,
 )
@@ -87,8 +89,8 @@ class ConcurrencyLimitMiddleware:
             ``max_concurrency``, ``0`` to reject at once when the service is full.
         max_wait: Longest wait for a slot, in seconds; ``0`` to reject at once.
         retry_after: Seconds sent in ``Retry-After`` with each 503.
-        exempt_paths: Request paths (exact matches on the ASGI ``path``) that bypass the
-            limit; health probes and metrics by default.
+        exempt_paths: Request paths that bypass the limit (exact matches on the ASGI ``path``
+            below ``root_path``, as routes match); health probes and metrics by default.
 
     Raises:
         TypeError: An option has the wrong type.
@@ -120,10 +122,13 @@ class ConcurrencyLimitMiddleware:
         self._retry_after = _check_int("retry_after", retry_after, minimum=0)
         self._retry_after_header = str(self._retry_after).encode("ascii")
         self._exempt_paths = validate_exempt_paths(exempt_paths)
-        # Created without a running loop, anyio defers binding it to a backend to first use.
-        self._slots = anyio.Semaphore(self._max_concurrency)
+        # Not an anyio.Semaphore: that binds to the first event loop that waits on it, and one
+        # middleware may serve several loops in turn (an app tested on asyncio, then trio).
+        # Each waiter brings an event of its own loop instead; a freed slot goes straight to
+        # the first waiter, so ``_free`` is 0 whenever anyone waits (first come, first served).
+        self._free = self._max_concurrency
+        self._waiters: deque[anyio.Event] = deque()
         self._in_flight = 0
-        self._waiting = 0
         self._admitted = 0
         self._waited = 0
         self._rejected = 0
@@ -137,23 +142,22 @@ class ConcurrencyLimitMiddleware:
         return AdmissionStatistics(
             max_concurrency=self._max_concurrency,
             in_flight=self._in_flight,
-            waiting=self._waiting,
+            waiting=len(self._waiters),
             admitted=self._admitted,
             waited=self._waited,
             rejected=self._rejected,
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in self._exempt_paths:
+        if scope["type"] != "http" or route_path(scope) in self._exempt_paths:
             await self.app(scope, receive, send)
             return
 
-        try:
-            self._slots.acquire_nowait()
-        except anyio.WouldBlock:
-            if not await self._wait_for_slot():
-                await self._reject(scope, send)
-                return
+        if self._free:
+            self._free -= 1
+        elif not await self._wait_for_slot():
+            await self._reject(scope, send)
+            return
 
         self._admitted += 1
         self._in_flight += 1
@@ -161,22 +165,34 @@ class ConcurrencyLimitMiddleware:
             await self.app(scope, receive, send)
         finally:
             self._in_flight -= 1
-            self._slots.release()
+            self._release()
+
+    def _release(self) -> None:
+        """Give a slot back: to the first request in line, else to the free ones."""
+        if self._waiters:
+            self._waiters.popleft().set()
+        else:
+            self._free += 1
 
     async def _wait_for_slot(self) -> bool:
-        """Wait in line for a slot; return whether one was acquired."""
-        if self._waiting >= self._max_waiting or self._max_wait == 0:
+        """Wait in line for a slot; return whether one was handed over."""
+        if len(self._waiters) >= self._max_waiting or self._max_wait == 0:
             return False
+        handed = anyio.Event()
+        self._waiters.append(handed)
         acquired = False
-        self._waiting += 1
         try:
             with anyio.move_on_after(self._max_wait):
-                await self._slots.acquire()
-                acquired = True
+                await handed.wait()
+            # A slot handed over as the wait ran out is still ours.
+            acquired = handed.is_set()
         finally:
-            self._waiting -= 1
-        if acquired:
-            self._waited += 1
+            if acquired:
+                self._waited += 1
+            elif handed.is_set():
+                self._release()  # handed a slot while being cancelled: pass it on
+            else:
+                self._waiters.remove(handed)
         return acquired
 
     async def _reject(self, scope: Scope, send: Send) -> None:
@@ -186,7 +202,7 @@ class ConcurrencyLimitMiddleware:
             scope.get("method", "?"),
             scope["path"],
             self._in_flight,
-            self._waiting,
+            len(self._waiters),
         )
         await send_problem(
             send,

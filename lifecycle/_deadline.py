@@ -133,7 +133,9 @@ class _DeadlineObserver(Protocol):
     def request_finished(self, remaining: float, outcome: str) -> None:
         """The request ended with ``remaining`` seconds left (negative: overran).
 
-        ``outcome`` is ``"completed"`` or ``"expired"``.
+        ``remaining`` is measured against the deadline in force at the end: its route's own
+        (`request_timeout`) if it set one. Not called when the route lifted the deadline
+        (``request_timeout(None)``). ``outcome`` is ``"completed"`` or ``"expired"``.
         """
 
 
@@ -155,8 +157,10 @@ class DeadlineStatistics:
             it expired) before the response started.
         rejected_early: Requests answered 504 on arrival, their budget below ``min_budget``.
         aborted: Responses aborted mid-stream because the deadline passed after they started.
-        overran: Requests that kept running longer than ``reserve`` past their deadline, the
-            sign of code that cannot be cancelled (a sync endpoint in a worker thread).
+        overran: Requests that kept running longer than ``reserve`` past their deadline (past
+            their arrival, or their route's timeout being applied, when the deadline was
+            already past then), the sign of code that cannot be cancelled (a sync endpoint in
+            a worker thread).
         in_flight: Requests whose application call is running now.
     """
 
@@ -483,12 +487,19 @@ class _DeadlineView:
 
 
 class _RequestState(_DeadlineView):
-    """Everything the middleware tracks for one request (lives in `__call__`'s locals)."""
+    """Everything the middleware tracks for one request (lives in `__call__`'s locals).
+
+    ``deadline`` is what the request's code sees now, ``None`` once the deadline is lifted;
+    ``given_deadline`` is the deadline the request was given (by the middleware, or by its
+    route), kept when it is lifted after the response, and ``given_at`` when it was given.
+    """
 
     __slots__ = (
         "arrival",
         "client_budget",
         "completed",
+        "given_at",
+        "given_deadline",
         "keep_for_background",
         "reserve",
         "scope",
@@ -510,6 +521,8 @@ class _RequestState(_DeadlineView):
         self.clock_offset = clock_offset
         self.scope = scope
         self.arrival = arrival
+        self.given_deadline = deadline
+        self.given_at = arrival
         self.client_budget = client_budget
         self.reserve = reserve
         self.started = False
@@ -517,6 +530,12 @@ class _RequestState(_DeadlineView):
         self.trailers = False
         self.keep_for_background = False
         self.upstream_expiry: str | None = None
+
+    def give(self, deadline: float | None, now: float) -> None:
+        """Replace the request's deadline (``None``: no deadline) at time ``now``."""
+        self.deadline = self.given_deadline = deadline
+        self.given_at = now
+        self.scope.deadline = math.inf if deadline is None else deadline
 
     def lift(self) -> None:
         """Drop the deadline: what still runs belongs to no caller's budget."""
@@ -649,11 +668,10 @@ def _apply_route_timeout(timeout: float | None, keep_for_background: bool) -> No
         )
     state.keep_for_background = keep_for_background
     if timeout is None:
-        state.lift()
+        state.give(None, anyio.current_time())
         return
     budget = timeout if state.client_budget is None else min(timeout, state.client_budget)
-    state.deadline = state.arrival + budget - state.reserve
-    state.scope.deadline = state.deadline
+    state.give(state.arrival + budget - state.reserve, anyio.current_time())
 
 
 def _check_seconds(name: str, value: object, *, allow_none: bool = True) -> float | None:
@@ -775,6 +793,19 @@ async def send_problem(
 _EXPIRED_HEADERS: Final = ((DEADLINE_EXPIRED_HEADER.encode("ascii"), b"1"),)
 
 
+def route_path(scope: Scope) -> str:
+    """Return the request's path below the application's ``root_path``.
+
+    Servers behind a proxy (``uvicorn --root-path /api``) put the root path in the ASGI
+    ``path`` too; exempt paths, like Starlette's routes, are matched without it.
+    """
+    path: str = scope["path"]
+    root_path: str = scope.get("root_path", "")
+    if root_path and path.startswith(f"{root_path}/"):
+        return path[len(root_path) :]
+    return path
+
+
 def validate_exempt_paths(exempt_paths: Iterable[str]) -> frozenset[str]:
     """Check a collection of exempt paths and return it as a set."""
     if isinstance(exempt_paths, str | bytes):
@@ -838,8 +869,9 @@ class DeadlineMiddleware:
         min_budget: When set, a request whose budget after ``reserve`` is below this many
             seconds is answered 504 at once, without running the application.
         strict: Answer malformed budget headers with 400 instead of ignoring them.
-        exempt_paths: Request paths (exact matches on the ASGI ``path``) that bypass the
-            middleware; health probes and metrics by default.
+        exempt_paths: Request paths that bypass the middleware (exact matches on the ASGI
+            ``path`` below ``root_path``, as routes match); health probes and metrics by
+            default.
 
     Raises:
         TypeError: An option has the wrong type.
@@ -924,7 +956,7 @@ class DeadlineMiddleware:
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in self._exempt_paths:
+        if scope["type"] != "http" or route_path(scope) in self._exempt_paths:
             await self.app(scope, receive, send)
             return
 
@@ -1060,13 +1092,14 @@ class DeadlineMiddleware:
             if cancel_scope.cancelled_caught or raised is not None:
                 await self._expired_response(scope, send, state, cancel_scope, loop, raised)
         finally:
-            if observers and deadline is not None:
+            # The deadline in force at the end: the route's own, if it set one; none at all
+            # (nothing to report) if the route lifted it.
+            given = state.given_deadline
+            if observers and given is not None:
                 ended = loop.time() if loop is not None else _trio_time()
                 expired = cancel_scope.cancelled_caught or raised is not None
                 for observer in observers:
-                    observer.request_finished(
-                        deadline - ended, "expired" if expired else "completed"
-                    )
+                    observer.request_finished(given - ended, "expired" if expired else "completed")
             # Work that outlives the request with a copy of its context (threads, tasks) no
             # longer sees its deadline.
             state.deadline = None
@@ -1083,7 +1116,9 @@ class DeadlineMiddleware:
         request = f"{scope.get('method', '?')} {scope['path']}"
         if cancel_scope.cancel_called and state.deadline is not None:
             now = loop.time() if loop is not None else _trio_time()
-            overrun = now - state.deadline
+            # A deadline already past when it was given (a budget below the reserve, a route
+            # timeout applied late) is delivered at the next checkpoint, not before.
+            overrun = now - max(state.deadline, state.given_at)
             if overrun > max(self._reserve, 0.001):
                 self._overran += 1
                 _LOG.warning(

@@ -208,22 +208,31 @@ class DeadlineTransport(httpx.AsyncBaseTransport):
         for key in _TIMEOUT_KEYS:
             value = configured.get(key)
             timeouts[key] = budget if value is None else min(value, budget)
-        request.extensions = {**request.extensions, "timeout": timeouts}
 
+        # The caller's request is left untouched: httpx builds a redirected request from its
+        # headers, and the budget must not follow a redirect to a host outside ``hosts``.
+        headers = request.headers.copy()
         propagated = self._propagates_to(request.url.host)
         if propagated:
             milliseconds = int(budget * 1000)
-            existing = request.headers.get(self._header, "")
+            existing = headers.get(self._header, "")
             smaller = (
                 existing.isascii() and existing.isdigit() and 0 < int(existing) <= milliseconds
             )
             if not smaller:
-                request.headers[self._header] = str(milliseconds)
+                headers[self._header] = str(milliseconds)
+        sent = httpx.Request(
+            request.method,
+            request.url,
+            headers=headers,
+            stream=request.stream,
+            extensions={**request.extensions, "timeout": timeouts},
+        )
 
         deadline = now + budget
         try:
             with anyio.CancelScope(deadline=deadline) as scope:
-                response = await self._transport.handle_async_request(request)
+                response = await self._transport.handle_async_request(sent)
         except httpx.TimeoutException as exc:
             # A timeout capped at the budget is the budget running out.
             if anyio.current_time() >= deadline - 0.001:

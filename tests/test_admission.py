@@ -152,6 +152,23 @@ async def test_health_probes_and_other_scopes_are_exempt() -> None:
     assert seen == ["lifespan"]
 
 
+async def test_probes_stay_exempt_under_a_root_path() -> None:
+    # Behind a proxy (uvicorn --root-path /api), the ASGI path includes the root path.
+    gate = Gate()
+    app = limited(gate, max_concurrency=1, max_wait=0)
+    rooted = httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app, root_path="/api"), base_url="http://test"
+    )
+    async with rooted as http, anyio.create_task_group() as tg:
+        tg.start_soon(http.get, "/api/work")
+        await wait_until(lambda: gate.entered == 1)
+        assert (await http.get("/api/healthz")).text == "alive"
+        assert_overloaded(await http.get("/api/work"))
+        gate.open.set()
+    stats = app.statistics()
+    assert (stats.admitted, stats.rejected) == (1, 1)
+
+
 async def test_errors_and_cancellations_give_the_slot_back() -> None:
     gate = Gate()
     app = limited(gate, max_concurrency=1, max_wait=5.0)
@@ -185,6 +202,43 @@ async def test_time_spent_waiting_counts_against_the_request_deadline() -> None:
         gate.open.set()
     stats = limiter.statistics()
     assert (stats.waiting, stats.rejected, stats.admitted) == (0, 0, 1)
+
+
+@pytest.mark.parametrize(
+    "backends", [("asyncio", "trio"), ("trio", "asyncio")], ids=["asyncio-first", "trio-first"]
+)
+def test_one_middleware_serves_one_backend_after_another(backends: tuple[str, str]) -> None:
+    # A module-level app tested on both backends: the same middleware serves one event loop
+    # after another, and a request still waits for its slot on each.
+    gates: list[Gate] = []
+
+    async def work(request: Request) -> PlainTextResponse:
+        return await gates[-1].work(request)
+
+    app = lifecycle.ConcurrencyLimitMiddleware(
+        Starlette(routes=[Route("/work", work)]), max_concurrency=1, max_wait=5.0
+    )
+
+    async def one_request_waits_for_the_other() -> list[int]:
+        gate = Gate()
+        gates.append(gate)
+        statuses: list[int] = []
+        async with client(app) as http, anyio.create_task_group() as tg:
+
+            async def call() -> None:
+                statuses.append((await http.get("/work")).status_code)
+
+            tg.start_soon(call)
+            await wait_until(lambda: gate.entered == 1)
+            tg.start_soon(call)
+            await wait_until(lambda: app.statistics().waiting == 1)
+            gate.open.set()
+        return statuses
+
+    for backend in (*backends, backends[0]):
+        assert anyio.run(one_request_waits_for_the_other, backend=backend) == [200, 200]
+    stats = app.statistics()
+    assert (stats.admitted, stats.waited, stats.in_flight, stats.waiting) == (6, 3, 0, 0)
 
 
 @pytest.mark.parametrize(

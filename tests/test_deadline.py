@@ -169,6 +169,21 @@ async def test_health_probes_and_other_exempt_paths_have_no_deadline() -> None:
     assert default.statistics().received == 0
 
 
+async def test_exempt_paths_are_matched_below_the_root_path() -> None:
+    # Behind a proxy (uvicorn --root-path /api), the ASGI path includes the root path.
+    app = wrap([Route("/healthz", seen), Route("/work", seen)], default_timeout=5.0)
+    rooted = httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app, root_path="/api"), base_url="http://test"
+    )
+    async with rooted as http:
+        probe = await http.get("/api/healthz", headers={BUDGET: "1"})
+        work = await http.get("/api/work")
+    assert probe.status_code == 200
+    assert probe.json()["remaining"] is None
+    assert work.json()["remaining"] is not None
+    assert app.statistics().received == 0
+
+
 async def test_non_http_scopes_pass_through_untouched() -> None:
     seen_scopes: list[dict[str, Any]] = []
 
@@ -279,6 +294,34 @@ async def test_a_sync_endpoint_that_overruns_gets_a_504_and_is_logged(
     assert app.statistics().overran == 1
     (record,) = [r for r in caplog.records if "past its deadline" in r.getMessage()]
     assert "GET /" in record.getMessage()
+
+
+async def test_a_deadline_already_past_when_set_is_not_an_overrun(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A budget below the reserve puts the deadline in the past on arrival, and a route timeout
+    # applied late can do the same; code stopped at its first checkpoint did not overrun.
+    async def prompt(request: Request) -> PlainTextResponse:
+        await anyio.lowlevel.checkpoint()
+        return PlainTextResponse("ok")
+
+    async def slow_to_route(scope: Any, receive: Any, send: Any) -> None:
+        if scope["path"] == "/route":
+            await anyio.sleep(0.1)  # longer than the route's timeout
+        await router(scope, receive, send)
+
+    router = Starlette(
+        routes=[Route("/", prompt), Route("/route", lifecycle.request_timeout(0.06)(prompt))]
+    )
+    app = lifecycle.DeadlineMiddleware(slow_to_route, reserve=0.05)
+    with caplog.at_level(logging.WARNING, logger="lifecycle.deadline"):
+        async with client(app) as http:
+            for value in ("5n", "1u"):
+                assert_expired_response(await http.get("/", headers={"grpc-timeout": value}))
+            assert_expired_response(await http.get("/route"))
+    stats = app.statistics()
+    assert (stats.expired, stats.overran) == (3, 0)
+    assert not [r for r in caplog.records if "past its deadline" in r.getMessage()]
 
 
 # -- 3. expiry --------------------------------------------------------------------------------
@@ -827,6 +870,47 @@ async def test_a_route_can_opt_out_of_deadlines() -> None:
         response = await http.get("/", headers={BUDGET: "200"})
     assert response.status_code == 200
     assert response.json() == {"remaining": None, "effective_deadline_left": None}
+
+
+class RecordingObserver:
+    """A deadline observer (what metrics and tracing implement) that records its calls."""
+
+    def __init__(self) -> None:
+        self.started: list[float] = []
+        self.finished: list[tuple[float, str]] = []
+
+    def request_started(self, budget: float, client_budget: float | None) -> None:
+        self.started.append(budget)
+
+    def request_finished(self, remaining: float, outcome: str) -> None:
+        self.finished.append((remaining, outcome))
+
+
+async def test_observers_see_the_deadline_in_force_when_the_request_ends(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    observer = RecordingObserver()
+    monkeypatch.setattr(_deadline, "_observers", [observer])
+
+    async def plain(request: Request) -> PlainTextResponse:
+        return PlainTextResponse("ok")
+
+    routes = [
+        Route("/plain", plain),
+        Route("/longer", lifecycle.request_timeout(60.0)(plain)),
+        Route("/unbounded", lifecycle.request_timeout(None)(plain)),
+    ]
+    app = wrap(routes, default_timeout=0.5, reserve=0.0)
+    async with client(app) as http:
+        for path in ("/plain", "/longer", "/unbounded"):
+            assert (await http.get(path)).status_code == 200
+    assert observer.started == [0.5, 0.5, 0.5]
+    # The route that lifted its deadline ran without a budget: there is no budget left to
+    # report for it.
+    (plain_left, plain_outcome), (longer_left, longer_outcome) = observer.finished
+    assert 0.0 < plain_left <= 0.5
+    assert 59.0 < longer_left <= 60.0
+    assert plain_outcome == longer_outcome == "completed"
 
 
 async def test_the_route_decorator_runs_sync_endpoints_in_a_thread() -> None:

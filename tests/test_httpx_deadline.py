@@ -145,6 +145,34 @@ async def test_the_budget_header_goes_only_to_allowed_hosts() -> None:
     assert recorder.requests[2].extensions["timeout"]["read"] <= 5.0
 
 
+async def test_a_redirect_to_a_host_outside_hosts_does_not_get_the_budget() -> None:
+    received: dict[str, str | None] = {}
+
+    def upstream(request: httpx.Request) -> httpx.Response:
+        received[request.url.host] = request.headers.get(BUDGET)
+        if request.url.host == "api.internal":
+            return httpx.Response(302, headers={"location": "http://partner.example.com/x"})
+        return httpx.Response(200)
+
+    transport = DeadlineTransport(httpx.MockTransport(upstream), hosts=["api.internal"])
+    async with httpx.AsyncClient(transport=transport, follow_redirects=True) as http:
+        request = http.build_request("GET", "http://api.internal/start")
+        configured = request.extensions["timeout"]
+        with anyio.fail_after(5.0):
+            response = await http.send(request)
+    assert response.status_code == 200
+    assert received["api.internal"] is not None
+    # httpx builds the redirected request from the previous one's headers: ours must not be
+    # among them.
+    assert received["partner.example.com"] is None
+    # The caller's request is left as it was built, and is the one the response points back to.
+    assert BUDGET not in request.headers
+    assert request.extensions["timeout"] == configured
+    (redirect,) = response.history
+    assert redirect.request is request
+    assert response.request.url == "http://partner.example.com/x"
+
+
 async def test_a_smaller_budget_set_by_the_caller_is_kept() -> None:
     http, _ = upstream_client()
 
