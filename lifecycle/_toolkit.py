@@ -714,6 +714,17 @@ def _backoff_ceiling(base_delay: float, max_delay: float, failures: int) -> floa
         return max_delay
 
 
+def _wait_would_not_fit(ceiling: float) -> str | None:
+    """Why a wait of up to ``ceiling`` seconds does not fit before the deadline, if it does not."""
+    left = anyio.current_effective_deadline() - anyio.current_time()
+    if ceiling < left:
+        return None
+    return (
+        f"the next wait (up to {ceiling:.3g} s) would not fit in the {max(left, 0.0):.3g} s "
+        f"left before the deadline."
+    )
+
+
 async def retry(
     fn: Callable[[Unpack[PosArgsT]], Awaitable[T]],
     *args: *PosArgsT,
@@ -732,10 +743,10 @@ async def retry(
 
     Deadlines are respected: before waiting, `retry` compares the ceiling with the time left
     in the current effective deadline (`anyio.current_effective_deadline`, so a request's
-    deadline or an enclosing `fail_after` counts). If the ceiling would not fit, it gives up at
-    once and raises the last error instead of sleeping into a timeout. The decision uses the
-    ceiling, not the jittered delay, so whether a call is retried under a deadline does not
-    depend on a random draw.
+    deadline or an enclosing `fail_after` counts), and again after ``on_retry``, which may take
+    time of its own. If the ceiling would not fit, it gives up at once and raises the last
+    error instead of sleeping into a timeout. The decision uses the ceiling, not the jittered
+    delay, so whether a call is retried under a deadline does not depend on a random draw.
 
     Cancellation is never retried, whatever ``retry_on`` says: only `Exception` subclasses are
     caught.
@@ -794,12 +805,11 @@ async def retry(
                 error.add_note(f"retry(): gave up after {attempt} attempts of {_describe(fn)}.")
                 raise
             ceiling = _backoff_ceiling(base, cap, attempt)
-            left = anyio.current_effective_deadline() - anyio.current_time()
-            if ceiling >= left:
+            too_late = _wait_would_not_fit(ceiling)
+            if too_late:
                 error.add_note(
                     f"retry(): gave up after attempt {attempt} of {attempts} of "
-                    f"{_describe(fn)}: the next wait (up to {ceiling:.3g} s) would not fit in "
-                    f"the {max(left, 0.0):.3g} s left before the deadline."
+                    f"{_describe(fn)}: {too_late}"
                 )
                 raise
             delay = random.uniform(0.0, ceiling) if jitter else ceiling  # noqa: S311 - not crypto
@@ -807,6 +817,14 @@ async def retry(
                 outcome = on_retry(error, attempt, delay)
                 if inspect.isawaitable(outcome):
                     await outcome
+                # on_retry took time of its own: the wait may not fit any more.
+                too_late = _wait_would_not_fit(ceiling)
+                if too_late:
+                    error.add_note(
+                        f"retry(): gave up after attempt {attempt} of {attempts} of "
+                        f"{_describe(fn)} and its on_retry: {too_late}"
+                    )
+                    raise
         await anyio.sleep(delay)
         attempt += 1
 

@@ -10,6 +10,7 @@ stream: handing a job over costs a stream hand-off, not a task spawn.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import contextvars
 import enum
@@ -33,6 +34,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from ._deadline import _current as _request_deadline
 from ._health import CheckResult, HealthStatus
+from ._toolkit import _backoff_ceiling
 from .exceptions import GraphError, JobAbandoned, PoolClosed, QueueFull
 
 if TYPE_CHECKING:
@@ -55,6 +57,12 @@ R = TypeVar("R")
 logger = logging.getLogger("lifecycle.workers")
 
 Overflow = Literal["wait", "reject"]
+
+_NOT_STARTED = "it has not started: the app's lifespan starts it"
+_STOPPED = "the app has stopped"
+# At most this much of the pool's stop deadline is kept for jobs cancelled at the end of
+# the drain to unwind (a tenth of the time left, when that is less).
+_UNWIND_MARGIN = 1.0
 
 
 def _check_positive(what: str, value: float | None, *, allow_none: bool = True) -> None:
@@ -143,6 +151,32 @@ def _in_context(
             send, error = None, exc
 
 
+def _task_is_cancelled() -> bool:
+    """Whether the cancellation exception being handled means this task is being cancelled.
+
+    On trio, `Cancelled` only ever comes from a cancel scope. On asyncio, code can raise
+    `CancelledError` without being cancelled: it awaited a future or a task that something
+    else cancelled. Such a stray error must not end a worker, a supervisor or a schedule as
+    if the app were stopping them: it is a failure like any other.
+    """
+    if anyio.current_effective_deadline() == -math.inf:
+        return True  # an enclosing cancel scope was cancelled
+    if anyio.get_cancelled_exc_class() is not asyncio.CancelledError:
+        return True
+    task = asyncio.current_task()
+    return task is None or task.cancelling() > 0  # a plain Task.cancel()
+
+
+def _stray_cancellation(what: str, exc: BaseException) -> RuntimeError:
+    """The failure to record for a `CancelledError` that did not come from cancelling us."""
+    error = RuntimeError(
+        f"{what} raised {type(exc).__name__} although nothing was cancelling it: it awaited "
+        f"something that another task cancelled. Catch that error where it is awaited."
+    )
+    error.__cause__ = exc
+    return error
+
+
 # -- worker pools -------------------------------------------------------------------------
 
 
@@ -164,10 +198,11 @@ class WorkerStatistics:
         failed: Jobs whose handler raised (or timed out).
         rejected: Submissions refused because the queue was full.
         abandoned: Accepted jobs that never finished because the pool stopped.
-        wait_time_total: Seconds jobs spent queued, summed.
+        wait_time_total: Seconds the started jobs (completed, failed or running) spent
+            queued, summed.
         wait_time_max: The longest time one job spent queued.
-        run_time_total: Seconds handlers ran, summed.
-        run_time_max: The longest run of one handler.
+        run_time_total: Seconds the finished jobs (completed or failed) ran, summed.
+        run_time_max: The longest run of one finished job.
     """
 
     name: str
@@ -266,6 +301,14 @@ class WorkerPool(Generic[J, R]):
                 f"A cpu_bound worker runs its handler in another process, so {name!r} must be "
                 f"a plain (not async) function taking only the job (and no services)."
             )
+        if job_timeout is not None and not (is_async or cpu_bound):
+            # A worker process can be killed; a thread cannot, so the timeout could not stop
+            # the job, only stop waiting for it while it went on using a thread.
+            raise ValueError(
+                f"Worker pool {name!r} runs its plain handler in a thread, which cannot be "
+                f"cancelled, so job_timeout={job_timeout!r} could not stop a job; make the "
+                f"handler async, or drop job_timeout."
+            )
         self.name = name
         self.handler = handler
         self.concurrency = concurrency
@@ -280,7 +323,9 @@ class WorkerPool(Generic[J, R]):
         self._deps: dict[str, Any] = {}
         self._send: MemoryObjectSendStream[_Job] | None = None
         self._receive: MemoryObjectReceiveStream[_Job] | None = None
-        self._closed_reason = "it has not started: the app's lifespan starts it"
+        self._closed_reason = _NOT_STARTED
+        # What ends the drain early, for the abandoned jobs' reasons: set when it begins.
+        self._cut_off = "the drain_timeout ran out"
         self._blocked: set[anyio.CancelScope] = set()
         self._limiter: anyio.CapacityLimiter | None = None
         # Metrics and tracing (lifecycle/_observe.py): per-job hooks, None when off.
@@ -417,6 +462,8 @@ class WorkerPool(Generic[J, R]):
 
     async def _serve(self, deps: dict[str, Any]) -> AsyncIterator[WorkerPool[J, R]]:
         self._reset_counters()
+        self._closed_reason = _NOT_STARTED  # not the "stopped" a previous run left
+        self._cut_off = "the drain_timeout ran out"
         observer = self.service.lifecycle._observer
         self._observer = observer.worker_pool(self) if observer is not None else None
         self._deps = deps
@@ -424,59 +471,99 @@ class WorkerPool(Generic[J, R]):
         send, receive = anyio.create_memory_object_stream[_Job](self.queue_size)
         self._receive = receive
         began = 0.0
-        with anyio.CancelScope() as drain:
-            async with anyio.create_task_group() as workers:
-                for _ in range(self.concurrency):
-                    workers.start_soon(self._worker, receive.clone())
-                self._send = send
-                try:
-                    yield self
-                finally:
-                    # Intake stops first: new submissions, and those waiting for room, get
-                    # PoolClosed. Then the workers drain the queue and end on their own
-                    # (the task group waits for them) unless the drain deadline passes.
-                    self._closed_reason = "it is draining because the app is shutting down"
-                    self._send = None
-                    for scope in list(self._blocked):
-                        scope.cancel()
-                    send.close()
-                    began = time.perf_counter()
-                    queued = receive.statistics().current_buffer_used
-                    if queued or self._running:
-                        logger.info(
-                            "Worker pool %r draining: %d queued, %d running",
-                            self.name,
-                            queued,
-                            self._running,
-                            extra={"pool": self.name, "phase": "drain"},
-                        )
-                    if self.drain_timeout is not None:
-                        drain.deadline = anyio.current_time() + self.drain_timeout
-        # Past the deadline the running jobs were cancelled (and counted abandoned); what
-        # is still queued is abandoned too.
+        abandoned_before = 0
+        drained = False
+        try:
+            with anyio.CancelScope() as drain:
+                async with anyio.create_task_group() as workers:
+                    for _ in range(self.concurrency):
+                        workers.start_soon(self._worker, receive.clone())
+                    self._send = send
+                    try:
+                        yield self
+                    finally:
+                        # Intake stops first: new submissions, and those waiting for room,
+                        # get PoolClosed. Then the workers drain the queue and end on their
+                        # own (the task group waits for them) unless the drain deadline
+                        # passes.
+                        self._closed_reason = "it is draining because the app is shutting down"
+                        self._send = None
+                        for scope in list(self._blocked):
+                            scope.cancel()
+                        send.close()
+                        began = time.perf_counter()
+                        abandoned_before = self._abandoned
+                        queued = receive.statistics().current_buffer_used
+                        if queued or self._running:
+                            logger.info(
+                                "Worker pool %r draining: %d queued, %d running",
+                                self.name,
+                                queued,
+                                self._running,
+                                extra={"pool": self.name, "phase": "drain"},
+                            )
+                        drain.deadline = self._drain_deadline()
+            drained = not drain.cancelled_caught
+        finally:
+            # Whatever ended the drain, its deadline or the app's shutdown deadline cutting
+            # the pool off, what is still queued is abandoned and reported. This runs without
+            # awaiting anything, so that no cancellation can skip it.
+            leftover = self._abandon_queued(receive)
+            self._closed_reason = _STOPPED
+            self._receive = None
+            if drained:
+                logger.debug(
+                    "Worker pool %r drained in %.1fms",
+                    self.name,
+                    (time.perf_counter() - began) * 1000,
+                    extra={"pool": self.name, "phase": "drain"},
+                )
+            elif self._is_async or self.cpu_bound:
+                logger.warning(
+                    "Worker pool %r stopped draining when %s: %d running jobs were cancelled "
+                    "and %d queued jobs abandoned",
+                    self.name,
+                    self._cut_off,
+                    self._abandoned - abandoned_before - leftover,
+                    leftover,
+                    extra={"pool": self.name, "phase": "drain"},
+                )
+            else:
+                logger.warning(
+                    "Worker pool %r stopped draining when %s: it waited for the running jobs, "
+                    "as a thread cannot be cancelled, and abandoned %d queued jobs",
+                    self.name,
+                    self._cut_off,
+                    leftover,
+                    extra={"pool": self.name, "phase": "drain"},
+                )
+
+    def _drain_deadline(self) -> float:
+        """When the drain gives up, cancelling the running jobs and abandoning the rest.
+
+        That is ``drain_timeout`` from now, unless the pool's own stop deadline (the app's
+        shutdown budget) comes first: then a little before it, so that the cancelled jobs
+        unwind and every job is accounted for before the app cuts the pool off.
+        """
+        now = anyio.current_time()
+        deadline = math.inf if self.drain_timeout is None else now + self.drain_timeout
+        outer = anyio.current_effective_deadline()
+        if outer < math.inf:
+            margin = min(_UNWIND_MARGIN, max(0.0, (outer - now) / 10))
+            if outer - margin < deadline:
+                self._cut_off = "the app's shutdown_timeout ran out"
+                return outer - margin
+        return deadline
+
+    def _abandon_queued(self, receive: MemoryObjectReceiveStream[_Job]) -> int:
+        """Abandon every job still queued; return how many there were."""
         leftover: list[_Job] = []
         with receive, contextlib.suppress(anyio.WouldBlock, anyio.EndOfStream):
             while True:
                 leftover.append(receive.receive_nowait())
         for item in leftover:
-            self._abandon(item, "the drain_timeout ran out before it started")
-        self._closed_reason = "the app has stopped"
-        if drain.cancelled_caught:
-            logger.warning(
-                "Worker pool %r did not drain within its drain_timeout of %ss: running jobs "
-                "were cancelled and %d queued jobs abandoned",
-                self.name,
-                self.drain_timeout,
-                len(leftover),
-                extra={"pool": self.name, "phase": "drain"},
-            )
-        else:
-            logger.debug(
-                "Worker pool %r drained in %.1fms",
-                self.name,
-                (time.perf_counter() - began) * 1000,
-                extra={"pool": self.name, "phase": "drain"},
-            )
+            self._abandon(item, f"{self._cut_off} before it started")
+        return len(leftover)
 
     async def _worker(self, receive: MemoryObjectReceiveStream[_Job]) -> None:
         async with receive:
@@ -500,33 +587,49 @@ class WorkerPool(Generic[J, R]):
             finally:
                 self._running -= 1
                 ran = time.perf_counter() - began
-                self._run_total += ran
-                if ran > self._run_max:
-                    self._run_max = ran
                 if observer is not None:
                     observer.finished(ran)
+        except anyio.get_cancelled_exc_class() as exc:
+            if _task_is_cancelled():
+                # The drain deadline passed while the job ran. Only started jobs that are
+                # running or finished count in the wait and run times.
+                self._wait_total -= waited
+                self._abandon(item, f"it was cancelled when {self._cut_off}")
+                raise
+            what = f"Job {item.payload!r} of worker pool {self.name!r}"
+            self._fail(item, _stray_cancellation(what, exc), ran)
         except Exception as exc:
-            self._failed += 1
-            logger.error(
-                "Worker pool %r: job %r failed: %s",
-                self.name,
-                item.payload,
-                exc,
-                exc_info=exc,
-                extra={"pool": self.name, "job": repr(item.payload)},
-            )
-            if item.result is not None:
-                item.result.error = exc
-                item.result.event.set()
-        except BaseException:
-            # Cancelled: the drain deadline passed while the job ran.
-            self._abandon(item, "it was cancelled when the drain_timeout ran out")
+            self._fail(item, exc, ran)
+        except BaseException as exc:
+            self._wait_total -= waited
+            self._abandon(item, f"it raised {type(exc).__name__}")
             raise
         else:
+            self._ran(ran)
             self._completed += 1
             if item.result is not None:
                 item.result.value = value
                 item.result.event.set()
+
+    def _ran(self, seconds: float) -> None:
+        self._run_total += seconds
+        if seconds > self._run_max:
+            self._run_max = seconds
+
+    def _fail(self, item: _Job, exc: Exception, ran: float) -> None:
+        self._ran(ran)
+        self._failed += 1
+        logger.error(
+            "Worker pool %r: job %r failed: %s",
+            self.name,
+            item.payload,
+            exc,
+            exc_info=exc,
+            extra={"pool": self.name, "job": repr(item.payload)},
+        )
+        if item.result is not None:
+            item.result.error = exc
+            item.result.event.set()
 
     async def _invoke(self, item: _Job) -> Any:
         deadline = item.deadline
@@ -582,9 +685,7 @@ class WorkerPool(Generic[J, R]):
     def statistics(self) -> WorkerStatistics:
         """A frozen snapshot of the pool's counters."""
         receive = self._receive
-        queued = 0
-        if receive is not None and self._closed_reason != "the app has stopped":
-            queued = receive.statistics().current_buffer_used
+        queued = 0 if receive is None else receive.statistics().current_buffer_used
         return WorkerStatistics(
             name=self.name,
             concurrency=self.concurrency,
@@ -676,6 +777,11 @@ class BackgroundTask:
         _check_positive("within", within, allow_none=False)
         _check_positive("backoff_base", backoff_base, allow_none=False)
         _check_positive("backoff_max", backoff_max, allow_none=False)
+        if backoff_max < backoff_base:
+            raise ValueError(
+                f"Background task {name!r}: backoff_max={backoff_max!r} is below "
+                f"backoff_base={backoff_base!r}; raise backoff_max or lower backoff_base."
+            )
         params, _ = _dependencies(fn, "background task", skip_first=False)
         self.name = name
         self.fn = fn
@@ -734,8 +840,10 @@ class BackgroundTask:
 
     def delay(self, attempt: int) -> float:
         """The backoff before restart number ``attempt`` (1-based): full jitter under a cap."""
-        cap = min(self.backoff_max, self.backoff_base * 2 ** (attempt - 1))
-        return random.uniform(0, cap)  # noqa: S311 - jitter, not cryptography
+        # The ceiling is capped without computing 2 ** (attempt - 1), which overflows a float
+        # past about a thousand restarts within the window.
+        ceiling = _backoff_ceiling(self.backoff_base, self.backoff_max, attempt)
+        return random.uniform(0, ceiling)  # noqa: S311 - jitter, not cryptography
 
     async def _serve(self, deps: dict[str, Any]) -> AsyncIterator[BackgroundTask]:
         self._reset()
@@ -752,21 +860,17 @@ class BackgroundTask:
         while True:
             self.state = SupervisorState.RUNNING
             self._starts += 1
-            failed = False
+            failed = True
             try:
                 await self.fn(**deps)
+            except anyio.get_cancelled_exc_class() as exc:
+                if _task_is_cancelled():
+                    raise
+                self._failed(_stray_cancellation(f"Background task {self.name!r}", exc))
             except Exception as exc:
-                failed = True
-                self._failures += 1
-                self._last_error = f"{type(exc).__name__}: {exc}"
-                logger.error(
-                    "Background task %r failed: %s",
-                    self.name,
-                    exc,
-                    exc_info=exc,
-                    extra={"task": self.name, "phase": "run"},
-                )
+                self._failed(exc)
             else:
+                failed = False
                 logger.warning("Background task %r returned", self.name, extra={"task": self.name})
             if self.restart == "never" or (self.restart == "on_failure" and not failed):
                 self.state = SupervisorState.EXITED
@@ -797,6 +901,17 @@ class BackgroundTask:
                 with self._observer.restarting(restart, delay, error):
                     await anyio.sleep(delay)
             self._next_restart_at = None
+
+    def _failed(self, exc: Exception) -> None:
+        self._failures += 1
+        self._last_error = f"{type(exc).__name__}: {exc}"
+        logger.error(
+            "Background task %r failed: %s",
+            self.name,
+            exc,
+            exc_info=exc,
+            extra={"task": self.name, "phase": "run"},
+        )
 
     def _give_up(self) -> None:
         self.state = SupervisorState.GAVE_UP
@@ -912,6 +1027,7 @@ class PeriodicJob:
         self._last_duration: float | None = None
         self._last_error: str | None = None
         self._idle: anyio.Event | None = None
+        self._stopping = False
 
     async def _serve(self, deps: dict[str, Any]) -> AsyncIterator[PeriodicJob]:
         self._reset()
@@ -920,7 +1036,9 @@ class PeriodicJob:
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._loop, deps)
             yield self
-            # Let a run in progress finish (within the service's stop deadline), then stop.
+            # Let a run in progress finish (within the service's stop deadline), then stop;
+            # the loop starts no new run meanwhile.
+            self._stopping = True
             if self._running:
                 self._idle = anyio.Event()
                 await self._idle.wait()
@@ -933,6 +1051,8 @@ class PeriodicJob:
             if self.jitter:
                 wait += random.uniform(0, self.jitter)  # noqa: S311 - jitter
             await anyio.sleep(max(0.0, wait))
+            if self._stopping:
+                return
             await self._run_once(deps)
             # Missed periods (a run longer than the period) are skipped, never bunched up.
             next_at = max(next_at + self.every, anyio.current_time())
@@ -942,34 +1062,43 @@ class PeriodicJob:
         self._running = True
         began = anyio.current_time()
         try:
-            with anyio.fail_after(self.timeout):
+            # A scope of its own, so that only its cancellation counts as the job's timeout,
+            # not a TimeoutError the job raised.
+            with anyio.move_on_after(self.timeout) as scope:
                 run = self.fn(**deps)
                 await (run if self._observer is None else self._observer.wrap(run))
-        except TimeoutError as exc:
-            self._timeouts += 1
-            self._last_error = f"timed out after {self.timeout}s"
-            logger.error(
-                "Periodic job %r timed out after %ss",
-                self.name,
-                self.timeout,
-                exc_info=exc,
-                extra={"job": self.name},
-            )
+        except anyio.get_cancelled_exc_class() as exc:
+            if _task_is_cancelled():
+                raise
+            self._failed(_stray_cancellation(f"Periodic job {self.name!r}", exc))
         except Exception as exc:
-            self._failures += 1
-            self._last_error = f"{type(exc).__name__}: {exc}"
-            logger.error(
-                "Periodic job %r failed: %s",
-                self.name,
-                exc,
-                exc_info=exc,
-                extra={"job": self.name},
-            )
+            self._failed(exc)
+        else:
+            if scope.cancelled_caught:
+                self._timeouts += 1
+                self._last_error = f"timed out after {self.timeout}s"
+                logger.error(
+                    "Periodic job %r timed out after %ss",
+                    self.name,
+                    self.timeout,
+                    extra={"job": self.name},
+                )
         finally:
             self._running = False
             self._last_duration = anyio.current_time() - began
             if self._idle is not None:
                 self._idle.set()
+
+    def _failed(self, exc: Exception) -> None:
+        self._failures += 1
+        self._last_error = f"{type(exc).__name__}: {exc}"
+        logger.error(
+            "Periodic job %r failed: %s",
+            self.name,
+            exc,
+            exc_info=exc,
+            extra={"job": self.name},
+        )
 
     def statistics(self) -> PeriodicStatistics:
         """A frozen snapshot of the job's counters."""

@@ -813,6 +813,25 @@ async def test_retry_gives_up_at_once_when_the_next_wait_would_not_fit_the_deadl
     assert any("would not fit" in note for note in info.value.__notes__)
 
 
+async def test_retry_checks_the_deadline_again_after_on_retry() -> None:
+    # Regression: the time left was measured before on_retry ran, so an on_retry that used
+    # up the time made retry sleep into the deadline, and the caller got a TimeoutError
+    # instead of the operation's own error.
+    flaky = Flaky(failures=10)
+
+    with anyio.fail_after(10) as deadline:
+
+        async def on_retry(error: Exception, attempt: int, delay: float) -> None:
+            await anyio.lowlevel.checkpoint()
+            deadline.deadline = anyio.current_time() + 0.05  # as if on_retry took 9.95 s
+
+        with pytest.raises(ConnectionError) as info:
+            await retry(flaky, attempts=5, base_delay=1.0, jitter=False, on_retry=on_retry)
+    assert info.value is flaky.errors[0]
+    assert flaky.calls == 1
+    assert any("on_retry" in note and "would not fit" in note for note in info.value.__notes__)
+
+
 @trio_mock_clock()
 async def test_retry_backs_off_exponentially_up_to_the_cap() -> None:
     flaky = Flaky(failures=4)

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import itertools
 import logging
 import os
 import threading
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
+import anyio.from_thread
 import anyio.lowlevel
 import pytest
 
@@ -232,6 +235,56 @@ async def test_drain_deadline_abandons_and_accounts_for_every_job() -> None:
     assert "was abandoned" in str(waiter_errors[0])
 
 
+@pytest.mark.parametrize("drain_timeout", [0.2, 30.0, None])
+async def test_a_shutdown_budget_shorter_than_the_drain_still_accounts_for_every_job(
+    drain_timeout: float | None,
+) -> None:
+    # Regression: the app's shutdown budget (here as long as, or shorter than, the drain
+    # timeout, as with the defaults of 30 s each) cut the drain off before the pool could
+    # abandon what was still queued: those jobs vanished, and a `call` waiting on one of
+    # them never returned.
+    lc = Lifecycle(shutdown_timeout=0.2)
+    abandoned: list[tuple[int, str]] = []
+    waiter_errors: list[BaseException] = []
+    answered = anyio.Event()
+    started = anyio.Event()
+
+    @lc.worker(
+        concurrency=1,
+        queue_size=10,
+        drain_timeout=drain_timeout,
+        on_abandoned=lambda job, why: abandoned.append((job, why)),
+    )
+    async def handle(job: int) -> None:
+        started.set()
+        await anyio.sleep_forever()
+
+    async def call_and_record() -> None:
+        try:
+            await handle.call(100)
+        except JobAbandoned as exc:
+            waiter_errors.append(exc)
+        answered.set()
+
+    async with anyio.create_task_group() as tg:
+        # The pool gives up early enough to stop within the budget: no ShutdownError.
+        async with lc.run():
+            for i in range(3):
+                handle.submit_nowait(i)
+            tg.start_soon(call_and_record)
+            await started.wait()
+        with anyio.fail_after(5):
+            await answered.wait()
+    stats = handle.statistics()
+    assert (stats.accepted, stats.abandoned, stats.queued, stats.running) == (4, 4, 0, 0)
+    assert sorted(job for job, _ in abandoned) == [0, 1, 2, 100]
+    assert {why for _, why in abandoned} == {
+        "it was cancelled when the app's shutdown_timeout ran out",
+        "the app's shutdown_timeout ran out before it started",
+    }
+    assert len(waiter_errors) == 1
+
+
 async def test_submitters_waiting_for_room_get_pool_closed_at_drain() -> None:
     lc = Lifecycle()
     errors: list[BaseException] = []
@@ -290,6 +343,51 @@ async def test_sync_handlers_run_in_threads_under_the_concurrency_limit() -> Non
     assert peak == 3
 
 
+def test_job_timeout_is_refused_for_handlers_run_in_threads() -> None:
+    # Regression: a thread cannot be cancelled, so job_timeout on a plain handler did nothing:
+    # the job ran to its end and counted as completed.
+    lc = Lifecycle()
+
+    def blocking(job: float) -> None:
+        time.sleep(job)
+
+    with pytest.raises(ValueError, match=r"'blocking' runs its plain handler in a thread.*async"):
+        lc.worker(blocking, job_timeout=0.2)
+    lc.worker(blocking)  # without it, fine
+    lc.worker(cpu_square, name="in_process", cpu_bound=True, job_timeout=0.2)  # processes die
+
+
+async def test_thread_jobs_running_at_the_drain_deadline_finish(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Regression: the drain warning said running jobs were cancelled; a thread cannot be, so
+    # the pool waits for it (and it completes), and only the queued jobs are abandoned.
+    lc = Lifecycle()
+    started = anyio.Event()
+    abandoned: list[tuple[float, str]] = []
+
+    @lc.worker(
+        concurrency=1,
+        queue_size=10,
+        drain_timeout=0.05,
+        on_abandoned=lambda job, why: abandoned.append((job, why)),
+    )
+    def blocking(job: float) -> None:
+        anyio.from_thread.run_sync(started.set)
+        time.sleep(job)  # longer than the drain_timeout
+
+    async with lc.run():
+        blocking.submit_nowait(0.3)
+        blocking.submit_nowait(0.3)
+        await started.wait()
+    stats = blocking.statistics()
+    assert (stats.completed, stats.abandoned) == (1, 1)
+    assert abandoned == [(0.3, "the drain_timeout ran out before it started")]
+    [warning] = [r.getMessage() for r in caplog.records if "stopped draining" in r.getMessage()]
+    assert "waited for the running jobs, as a thread cannot be cancelled" in warning
+    assert "cancelled and" not in warning
+
+
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
 async def test_cpu_bound_handlers_run_in_processes() -> None:
     lc = Lifecycle()
@@ -333,6 +431,82 @@ async def test_jobs_keep_context_variables_but_not_the_deadline() -> None:
     assert seen[0] == ("req-42", float("inf"))
     assert seen[1] == ("req-42", scope.deadline)
     assert request_id.get() == "-"
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # trio has no stray Cancelled
+async def test_a_stray_cancelled_error_fails_the_job_and_keeps_the_worker() -> None:
+    # Regression: a job that awaited a future something else cancelled raised CancelledError;
+    # the pool took it for its own drain cancellation, reported the job abandoned and lost
+    # the worker, so with one worker every later job waited until shutdown abandoned it.
+    lc = Lifecycle()
+    abandoned: list[str] = []
+
+    @lc.worker(concurrency=1, on_abandoned=lambda job, why: abandoned.append(job))
+    async def handle(job: str) -> str:
+        if job == "bad":
+            future = asyncio.get_running_loop().create_future()
+            future.cancel()  # by some other component
+            await future
+        return job
+
+    async with lc.run():
+        with pytest.raises(RuntimeError, match="raised CancelledError although nothing"):
+            await handle.call("bad")
+        with anyio.fail_after(5):
+            assert await handle.call("ok") == "ok"
+    stats = handle.statistics()
+    assert (stats.completed, stats.failed, stats.abandoned) == (1, 1, 0)
+    assert abandoned == []
+
+
+async def test_a_second_run_counts_queued_jobs() -> None:
+    # Regression: after a first run the pool believed itself stopped, so `queued` stayed 0.
+    lc = Lifecycle()
+    started = anyio.Event()
+    gate = anyio.Event()
+
+    @lc.worker(concurrency=1, queue_size=10)
+    async def handle(job: int) -> None:
+        started.set()
+        await gate.wait()
+
+    for _ in range(2):
+        started, gate = anyio.Event(), anyio.Event()
+        async with lc.run():
+            for i in range(4):
+                handle.submit_nowait(i)
+            await started.wait()
+            stats = handle.statistics()
+            assert (stats.accepted, stats.running, stats.queued) == (4, 1, 3)
+            gate.set()
+        assert handle.statistics().queued == 0
+
+
+async def test_mean_times_leave_out_jobs_cut_off_by_the_drain() -> None:
+    # Regression: a job cancelled at the drain deadline added its run time (and its wait) to
+    # the totals but not to the counts they are divided by, inflating both means.
+    lc = Lifecycle()
+    gate = anyio.Event()
+    started = anyio.Event()
+
+    @lc.worker(concurrency=1, queue_size=10, drain_timeout=0.3, on_abandoned=lambda j, w: None)
+    async def handle(job: str) -> None:
+        if job == "hold":
+            started.set()
+            await gate.wait()
+        else:
+            await anyio.sleep_forever()  # cut off by the drain deadline after 0.3 s
+
+    async with lc.run():
+        handle.submit_nowait("hold")
+        handle.submit_nowait("cut")  # waits in the queue while "hold" runs
+        await started.wait()
+        await anyio.sleep(0.1)  # so that the waits and runs are long enough to tell apart
+        gate.set()
+    stats = handle.statistics()
+    assert (stats.completed, stats.abandoned) == (1, 1)
+    assert 0.1 <= stats.mean_run_time == stats.run_time_total == stats.run_time_max < 0.3
+    assert stats.mean_wait_time < 0.1
 
 
 def test_bad_pool_options_are_rejected() -> None:
@@ -477,6 +651,68 @@ async def test_give_up_with_shutdown_escalation_raises_sigterm(
     assert raised == [signal.SIGTERM]
 
 
+def test_backoff_never_overflows_and_its_bounds_must_be_ordered() -> None:
+    # Regression: backoff_base * 2 ** (restart - 1) was computed before the cap and raised
+    # OverflowError past about 1024 restarts within the window.
+    lc = Lifecycle()
+
+    @lc.background(max_restarts=5000, backoff_base=0.0001, backoff_max=0.0002)
+    async def task() -> None:
+        pass
+
+    assert all(0 <= task.delay(n) <= 0.0002 for n in (1, 1024, 1100, 10**6))
+    with pytest.raises(ValueError, match=r"'late': backoff_max=1.0 is below backoff_base=2.0"):
+        lc.background(task.fn, name="late", backoff_base=2.0, backoff_max=1.0)
+
+
+def test_a_supervisor_survives_more_than_a_thousand_restarts() -> None:
+    lc = Lifecycle()
+
+    @lc.background(
+        restart="always", max_restarts=5000, within=1e6, backoff_base=0.0005, backoff_max=0.001
+    )
+    async def flaky() -> None:
+        raise RuntimeError("boom")
+
+    async def main() -> None:
+        async with lc.run():
+            with anyio.fail_after(1000):
+                while flaky.statistics().starts < 1100:  # noqa: ASYNC110 - virtual time
+                    await anyio.sleep(0.01)
+            assert flaky.statistics().state is SupervisorState.BACKOFF
+
+    logging.getLogger("lifecycle.workers").disabled = True  # 1100 failure tracebacks
+    try:
+        run_on_mock_clock(main)
+    finally:
+        logging.getLogger("lifecycle.workers").disabled = False
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # trio has no stray Cancelled
+async def test_a_stray_cancelled_error_is_a_background_failure() -> None:
+    # Regression: a CancelledError the task did not get from being cancelled (it awaited a
+    # future something else cancelled) ended the supervisor silently, health still passing.
+    lc = Lifecycle()
+    second_start = anyio.Event()
+
+    @lc.background(restart="on_failure", backoff_base=0.001, backoff_max=0.001)
+    async def listener() -> None:
+        if listener.statistics().starts == 1:
+            future = asyncio.get_running_loop().create_future()
+            future.cancel()
+            await future
+        second_start.set()
+        await anyio.sleep_forever()
+
+    async with lc.run():
+        with anyio.fail_after(5):
+            await second_start.wait()
+        stats = listener.statistics()
+    assert (stats.starts, stats.failures) == (2, 1)
+    assert stats.last_error is not None
+    assert "raised CancelledError although nothing" in stats.last_error
+
+
 # -- periodic jobs ------------------------------------------------------------------------
 
 
@@ -551,6 +787,83 @@ async def test_periodic_lets_a_run_in_progress_finish_at_stop() -> None:
         await started.wait()
     assert finished == [True]
     assert job.statistics().running is False
+
+
+@pytest.mark.parametrize("run_timeout", [None, 5.0])
+async def test_a_periodic_job_raising_timeout_error_has_failed_not_timed_out(
+    run_timeout: float | None,
+) -> None:
+    # Regression: any TimeoutError counted as the job's own timeout, even with timeout=None
+    # ("timed out after Nones").
+    lc = Lifecycle()
+    second_run = anyio.Event()
+
+    @lc.periodic(every=0.001, timeout=run_timeout, first_run="now")
+    async def poll() -> None:
+        if poll.statistics().runs == 1:
+            raise TimeoutError("upstream did not answer")
+        second_run.set()
+
+    async with lc.run():
+        with anyio.fail_after(5):
+            await second_run.wait()
+        stats = poll.statistics()
+    assert (stats.failures, stats.timeouts) == (1, 0)
+    assert stats.last_error == "TimeoutError: upstream did not answer"
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # trio has no stray Cancelled
+async def test_a_stray_cancelled_error_is_a_periodic_failure() -> None:
+    # Regression: it ended the schedule silently.
+    lc = Lifecycle()
+    second_run = anyio.Event()
+
+    @lc.periodic(every=0.001, first_run="now")
+    async def poll() -> None:
+        if poll.statistics().runs == 1:
+            future = asyncio.get_running_loop().create_future()
+            future.cancel()
+            await future
+        second_run.set()
+
+    async with lc.run():
+        with anyio.fail_after(5):
+            await second_run.wait()
+        stats = poll.statistics()
+    assert (stats.failures, stats.timeouts) == (1, 0)
+    assert stats.last_error is not None
+    assert "raised CancelledError although nothing" in stats.last_error
+
+
+async def stop_while_overrunning() -> list[str]:
+    """Stop a periodic job during a run longer than its period; return what its runs did."""
+    lc = Lifecycle()
+    events: list[str] = []
+    started = anyio.Event()
+
+    @lc.periodic(every=0.001, first_run="now")
+    async def job() -> None:
+        events.append("start")
+        started.set()
+        try:
+            await anyio.sleep(0.005)  # longer than the period
+        except BaseException:
+            events.append("cancelled")
+            raise
+        events.append("end")
+
+    async with lc.run():
+        await started.wait()
+    return events
+
+
+async def test_stopping_a_periodic_job_starts_no_new_run() -> None:
+    # Regression (trio): when the run in progress at stop had overrun its period, the loop
+    # could start one more run as that run ended, which the stop then cancelled midway.
+    # Which task trio wakes first is random, so several stops are tried.
+    for _ in range(20):
+        events = await stop_while_overrunning()
+        assert events == ["start", "end"]
 
 
 async def test_nothing_runs_after_exit() -> None:
