@@ -180,6 +180,7 @@ class Lifecycle:
         self._services: dict[str, Service[Any]] = {}
         self._state = LifecycleState.IDLE
         self._run: _Run | None = None
+        self._graph_error: GraphError | None = None  # of the last run, refused unstarted
         self._state_changed: anyio.Event | None = None
         self._hooks: _Hooks | None = None
         # Metrics and tracing (lifecycle/_observe.py) watch runs through this; None when off.
@@ -334,20 +335,33 @@ class Lifecycle:
             ShutdownError: A cleanup failed or timed out (raised after every cleanup ran).
             RuntimeError: This Lifecycle is already running.
         """
-        plan = _plan(self._services)
+        try:
+            plan = _plan(self._services)
+        except GraphError as exc:
+            # Nothing starts; a task waiting in wait_started() learns why.
+            self._graph_error = exc
+            self._set_state(self._state)
+            raise
+        self._graph_error = None
         self._begin_run()
         run = _Run(self, plan)
         self._run = run
-        # Errors are raised after the task group has exited (every host has finished by
-        # then), so that they reach the caller as themselves rather than wrapped in the task
-        # group's ExceptionGroup. Cancellation passes through the task group untouched.
-        error: Exception | None = None
+        # Errors, KeyboardInterrupt and SystemExit included, are raised after the task group
+        # has exited (every host has finished by then), so that they reach the caller as
+        # themselves rather than wrapped in the task group's exception group. Cancellation
+        # passes through the task group untouched.
+        cancelled = anyio.get_cancelled_exc_class()
+        error: BaseException | None = None
         try:
             async with anyio.create_task_group() as task_group:
                 try:
                     await run.start(task_group)
-                except Exception as exc:
-                    error = exc
+                except cancelled:
+                    raise
+                except BaseException as exc:
+                    error = _unwrap(exc)
+                    if isinstance(error, cancelled):
+                        raise
                 else:
                     self._set_state(LifecycleState.RUNNING)
                     try:
@@ -359,7 +373,7 @@ class Lifecycle:
                             # The body's exception wins; the cleanup failures were logged
                             # one by one and are summarised on it.
                             exc.add_note(_shutdown_error(errors, run).args[0])
-                        if not isinstance(exc, Exception):
+                        if isinstance(exc, cancelled):
                             raise
                         error = exc
                     else:
@@ -432,12 +446,16 @@ class Lifecycle:
 
         Raises:
             StartupError: Startup failed (the run's own error is re-raised).
+            GraphError: The run was refused because the graph is invalid.
             RuntimeError: The run ended before startup completed.
         """
         finished = (LifecycleState.FAILED, LifecycleState.STOPPED)
         # A run that had already ended when we were called is not the one we wait for.
         stale = self._run if self._state in finished else None
+        stale_graph_error = self._graph_error
         while True:
+            if self._graph_error is not None and self._graph_error is not stale_graph_error:
+                raise self._graph_error
             run = self._run
             if run is not None and run is not stale:
                 if self._state is LifecycleState.RUNNING:
@@ -673,8 +691,10 @@ class Lifecycle:
             overflow: What a full queue does to `WorkerPool.submit`: ``"wait"`` for room
                 (backpressure), or ``"reject"`` with `QueueFull`.
             drain_timeout: Seconds the queue may take to drain at shutdown before running
-                jobs are cancelled and queued ones abandoned; ``None`` waits for all.
+                jobs are cancelled and queued ones abandoned; ``None`` waits for all. Cut
+                short, when need be, so that the drain ends within ``shutdown_timeout``.
             job_timeout: Seconds one job may run; a job past it fails with `TimeoutError`.
+                Async and ``cpu_bound`` handlers only: a thread cannot be cancelled.
             inherit_deadline: Run each job under the deadline of the code that submitted it
                 (a request's); by default jobs are app-scoped and do not inherit it.
             cpu_bound: Run a plain handler that takes only the job in worker processes.
@@ -894,9 +914,8 @@ class Lifecycle:
             LookupError: No such service is declared.
         """
         name = self._name_of(service)
-        if self._run is None:
-            return ServiceState.PENDING
-        return self._run.records[name].state
+        record = None if self._run is None else self._run.records.get(name)
+        return ServiceState.PENDING if record is None else record.state
 
     @overload
     def get(self, service: Service[T]) -> T: ...
@@ -913,15 +932,15 @@ class Lifecycle:
             LookupError: No such service is declared.
         """
         name = self._name_of(service)
-        run = self._run
-        if run is None or run.records[name].state is not ServiceState.RUNNING:
-            state = "never run" if run is None else run.records[name].state.value
+        record = None if self._run is None else self._run.records.get(name)
+        if record is None or record.state is not ServiceState.RUNNING:
+            state = "never run" if record is None else record.state.value
             raise ServiceNotRunning(
                 f"Service {name!r} is not running (it is {state}); its value exists only while "
                 f"the Lifecycle runs: pass lifespan=lc.lifespan to the app, or use "
                 f"`async with lc.run()`."
             )
-        return run.records[name].value
+        return record.value
 
     def timeline(self) -> Timeline:
         """The start/stop timeline of the current or last run (empty before any run)."""
@@ -1092,30 +1111,32 @@ def _plan(services: Mapping[str, Service[Any]]) -> _Plan:
             if service.name not in dependents[target]:
                 dependents[target].append(service.name)
 
-    # Depth-first search, colouring nodes; a grey node reached again closes a cycle.
+    # Depth-first search, colouring nodes; a grey node reached again closes a cycle. The
+    # stack is explicit, so that a chain of thousands of services cannot exhaust Python's.
     white, grey, black = 0, 1, 2
     colour = dict.fromkeys(services, white)
-    path: list[str] = []
-
-    def visit(name: str) -> None:
-        colour[name] = grey
-        path.append(name)
-        for target in services[name].depends.values():
-            if colour[target] == grey:
-                cycle = [*path[path.index(target) :], target]
+    for root in services:
+        if colour[root] != white:
+            continue
+        colour[root] = grey
+        path = [root]
+        pending = [iter(services[root].depends.values())]
+        while pending:
+            reached: str | None = next(pending[-1], None)
+            if reached is None:
+                colour[path.pop()] = black
+                pending.pop()
+            elif colour[reached] == grey:
+                cycle = [*path[path.index(reached) :], reached]
                 raise GraphError(
                     "Service dependencies form a cycle: "
                     + " -> ".join(repr(n) for n in cycle)
                     + "; break it by removing one of these dependencies."
                 )
-            if colour[target] == white:
-                visit(target)
-        path.pop()
-        colour[name] = black
-
-    for name in services:
-        if colour[name] == white:
-            visit(name)
+            elif colour[reached] == white:
+                colour[reached] = grey
+                path.append(reached)
+                pending.append(iter(services[reached].depends.values()))
     return _Plan(dict(services), dependents)
 
 
@@ -1135,6 +1156,7 @@ class _Record:
         "error",
         "host_done",
         "service",
+        "start_aborted",
         "start_began",
         "start_ended",
         "started",
@@ -1142,6 +1164,7 @@ class _Record:
         "stop_began",
         "stop_ended",
         "stop_error",
+        "stop_limit",
         "value",
         "wake",
     )
@@ -1151,6 +1174,8 @@ class _Record:
         self.state = ServiceState.PENDING
         self.value: Any = None
         self.started = False
+        self.start_aborted = False  # its start was cancelled by a rollback or from outside
+        self.stop_limit = ""  # which limit bounds its cleanup, for the error if it is cut off
         # Events exist only where something waits on them: startup of a thousand services
         # should not pay for three thousand events.
         # Set when the host task has finished; the services it depends on wait for it.
@@ -1182,6 +1207,12 @@ class _Run:
         }
         self.hosts_alive = 0
         self.hosts_done: anyio.Event | None = None
+        # The scopes that can cancel the starts in progress, and whether startup is being
+        # abandoned (see `start`).
+        self.starting: dict[_Record, anyio.CancelScope] = {}
+        self.aborting = False
+        self.starters_alive = 0
+        self.starters_done = anyio.Event()
         self.shutdown_deadline = math.inf
         self.started_ok = False
         self.stopping = False
@@ -1211,13 +1242,19 @@ class _Run:
         try:
             with anyio.CancelScope() as abort, anyio.CancelScope(deadline=deadline) as budget:
                 async with anyio.create_task_group() as starters:
+                    # Each `TaskGroup.start` waits shielded, and its service starts under that
+                    # shield: were the wait cancelled just as the service reported started,
+                    # the task group would cancel the now-shielded host and wait for it
+                    # forever. So a failure elsewhere, the startup budget or a cancellation
+                    # from outside reaches the starts in progress through this task instead.
+                    starters.start_soon(self._abort_starts_when_cancelled)
                     # Services with no dependencies start at once; each of the others is
                     # launched by the start of the last of its dependencies to finish.
                     for name, count in self.waiting_for.items():
                         if count == 0:
-                            starters.start_soon(
-                                self._starter, self.records[name], task_group, starters, abort
-                            )
+                            self._spawn_starter(self.records[name], task_group, starters, abort)
+                    if self.starters_alive == 0:
+                        self.starters_done.set()
         except BaseException as exc:
             # Cancelled from outside (or interrupted): roll back, then let it propagate.
             for record in self.records.values():
@@ -1234,6 +1271,15 @@ class _Run:
                 if record.state is ServiceState.STARTING:
                     record.error = TimeoutError(
                         f"Service {record.service.name!r} was still starting when the "
+                        f"startup_timeout of {startup_timeout}s ran out."
+                    )
+                    self._fail_start(record)
+                elif record.state is ServiceState.PENDING and all(
+                    self.records[dependency].started
+                    for dependency in record.service.depends.values()
+                ):
+                    record.error = TimeoutError(
+                        f"Service {record.service.name!r} was ready to start when the "
                         f"startup_timeout of {startup_timeout}s ran out."
                     )
                     self._fail_start(record)
@@ -1256,6 +1302,39 @@ class _Run:
             observer.run_started(self.lifecycle, error)
         raise error
 
+    async def _abort_starts_when_cancelled(self) -> None:
+        try:
+            await self.starters_done.wait()
+        finally:
+            if not self.starters_done.is_set():
+                self.aborting = True
+                for record, scope in self.starting.items():
+                    record.start_aborted = True
+                    scope.cancel()
+
+    def _starting(self, record: _Record, scope: anyio.CancelScope) -> None:
+        """Make ``scope``, around ``record``'s start, cancellable by an abandoned startup."""
+        if self.aborting:
+            record.start_aborted = True
+            scope.cancel()
+        self.starting[record] = scope
+
+    def _start_cut(self, record: _Record) -> Exception:
+        """What a host raises when its start scope was cancelled."""
+        if record.start_aborted:
+            return _StartAborted()
+        return self._start_timed_out(record.service)
+
+    def _spawn_starter(
+        self,
+        record: _Record,
+        task_group: TaskGroup,
+        starters: TaskGroup,
+        abort: anyio.CancelScope,
+    ) -> None:
+        self.starters_alive += 1
+        starters.start_soon(self._starter, record, task_group, starters, abort)
+
     async def _starter(
         self,
         record: _Record,
@@ -1269,28 +1348,35 @@ class _Run:
         not one per link); the others get starter tasks of their own, so that they start
         concurrently.
         """
-        next_record: _Record | None = record
-        while next_record is not None:
-            record, next_record = next_record, None
-            record.state = ServiceState.STARTING
-            record.start_began = self.now()
-            try:
-                record.value = await task_group.start(self._host, record)
-            except Exception as exc:
-                record.error = exc
-                self._fail_start(record)
-                abort.cancel()
-                return
-            for name in self.plan.dependents[record.service.name]:
-                self.waiting_for[name] -= 1
-                if self.waiting_for[name] > 0:
-                    continue
-                if next_record is None:
-                    next_record = self.records[name]
-                else:
-                    starters.start_soon(
-                        self._starter, self.records[name], task_group, starters, abort
-                    )
+        try:
+            next_record: _Record | None = record
+            while next_record is not None:
+                record, next_record = next_record, None
+                await anyio.lowlevel.checkpoint_if_cancelled()  # startup is being abandoned
+                record.state = ServiceState.STARTING
+                record.start_began = self.now()
+                try:
+                    with anyio.CancelScope(shield=True):
+                        record.value = await task_group.start(self._host, record)
+                except _StartAborted:
+                    return  # left STARTING: reported as cancelled (or as out of budget)
+                except Exception as exc:
+                    record.error = exc
+                    self._fail_start(record)
+                    abort.cancel()
+                    return
+                for name in self.plan.dependents[record.service.name]:
+                    self.waiting_for[name] -= 1
+                    if self.waiting_for[name] > 0:
+                        continue
+                    if next_record is None:
+                        next_record = self.records[name]
+                    else:
+                        self._spawn_starter(self.records[name], task_group, starters, abort)
+        finally:
+            self.starters_alive -= 1
+            if self.starters_alive == 0:
+                self.starters_done.set()
 
     def _fail_start(self, record: _Record) -> None:
         record.state = ServiceState.FAILED
@@ -1367,6 +1453,7 @@ class _Run:
         # everything the service owns, tasks it spawned included, stops only when its turn
         # comes in the reverse-order shutdown.
         with anyio.CancelScope(deadline=self._start_deadline(service)) as guard:
+            self._starting(record, guard)
             try:
                 if hooks is not None:
                     await hooks.before_start(service.name)
@@ -1378,8 +1465,14 @@ class _Run:
                 ) from None
             except Exception as exc:
                 if guard.cancel_called:
-                    raise self._start_timed_out(service) from exc
+                    raise self._start_cut(record) from exc
                 raise
+            finally:
+                del self.starting[record]
+            if guard.cancel_called:
+                # Cut just as it yielded: it holds its resources, so it cleans up at once.
+                await self._clean_up_cut_start(record, agen)
+                raise self._start_cut(record)
             guard.deadline = math.inf
             guard.shield = True
             self._running(record, value)
@@ -1405,9 +1498,38 @@ class _Run:
                 except Exception as exc:
                     record.stop_error = exc
         if not record.started:
-            # The start deadline cancelled the start (the guard swallowed the cancellation).
-            raise self._start_timed_out(service)
+            # The start was cancelled (the guard swallowed the cancellation).
+            raise self._start_cut(record)
         self._stopped(record, timed_out=guard.cancelled_caught)
+
+    async def _clean_up_cut_start(self, record: _Record, agen: Any) -> None:
+        service = record.service
+        deadline = math.inf
+        if service.stop_timeout is not None:
+            deadline = anyio.current_time() + service.stop_timeout
+        with anyio.CancelScope(shield=True, deadline=deadline) as scope:
+            try:
+                await agen.__anext__()
+            except StopAsyncIteration:
+                return
+            except Exception as exc:
+                logger.error(
+                    "Service %r failed to clean up after its start was cut: %s",
+                    service.name,
+                    _describe(exc),
+                    exc_info=exc,
+                    extra={"service": service.name, "phase": "stop"},
+                )
+                return
+            await agen.aclose()
+        if scope.cancelled_caught:
+            logger.error(
+                "Service %r did not finish its cleanup within its stop_timeout of %ss "
+                "after its start was cut.",
+                service.name,
+                service.stop_timeout,
+                extra={"service": service.name, "phase": "stop"},
+            )
 
     async def _host_task(
         self, record: _Record, kwargs: dict[str, Any], task_status: TaskStatus[Any]
@@ -1440,14 +1562,17 @@ class _Run:
             with anyio.CancelScope() as guard:
                 async with anyio.create_task_group() as inner:
                     with anyio.CancelScope(deadline=self._start_deadline(service)) as scope:
+                        self._starting(record, scope)
                         try:
                             value = await inner.start(run_service)
                         except Exception as exc:
                             if scope.cancel_called:
-                                raise self._start_timed_out(service) from exc
+                                raise self._start_cut(record) from exc
                             raise
+                        finally:
+                            del self.starting[record]
                     if scope.cancelled_caught:
-                        raise self._start_timed_out(service)
+                        raise self._start_cut(record)
                     guard.shield = True
                     self._running(record, value)
                     task_status.started(value)
@@ -1529,37 +1654,31 @@ class _Run:
                     assert dependent.host_done is not None  # it has a dependency: us
                     await dependent.host_done.wait()
 
-    def _stop_deadline(self, service: Service[Any]) -> float:
+    def _begin_stop(self, record: _Record) -> float:
+        """Mark the service stopping; return the deadline of its cleanup."""
+        service = record.service
+        record.state = ServiceState.STOPPING
+        record.stop_began = self.now()
+        self.stop_order.append(service.name)
+        if self.lifecycle._observer is not None:
+            self.lifecycle._observer.service_stopping(service)
         own = math.inf
         if service.stop_timeout is not None:
             own = anyio.current_time() + service.stop_timeout
-        return min(own, self.shutdown_deadline)
-
-    def _begin_stop(self, record: _Record) -> float:
-        """Mark the service stopping; return the deadline of its cleanup."""
-        record.state = ServiceState.STOPPING
-        record.stop_began = self.now()
-        self.stop_order.append(record.service.name)
-        if self.lifecycle._observer is not None:
-            self.lifecycle._observer.service_stopping(record.service)
-        return self._stop_deadline(record.service)
+        if own <= self.shutdown_deadline:
+            record.stop_limit = f"its stop_timeout of {service.stop_timeout}s"
+            return own
+        # What is left of the shutdown budget, part of it perhaps spent on its dependents.
+        record.stop_limit = f"the shutdown_timeout of {self.lifecycle.shutdown_timeout}s"
+        return self.shutdown_deadline
 
     def _stopped(self, record: _Record, *, timed_out: bool) -> None:
         service = record.service
         record.stop_ended = self.now()
         if timed_out and record.stop_error is None:
-            limit = (
-                f"its stop_timeout of {service.stop_timeout}s"
-                if service.stop_timeout is not None
-                and (
-                    self.lifecycle.shutdown_timeout is None
-                    or service.stop_timeout <= self.lifecycle.shutdown_timeout
-                )
-                else f"the shutdown_timeout of {self.lifecycle.shutdown_timeout}s"
-            )
             record.stop_error = TimeoutError(
-                f"Service {service.name!r} did not finish its cleanup within {limit}; "
-                f"it was cut off."
+                f"Service {service.name!r} did not finish its cleanup within "
+                f"{record.stop_limit}; it was cut off."
             )
         took = record.stop_ended - (record.stop_began or record.stop_ended)
         if self.lifecycle._observer is not None:
@@ -1672,6 +1791,10 @@ class _StartedReporter:
     def started(self, value: Any = None) -> None:
         self._task_status.started(value)
         self.reported = True
+
+
+class _StartAborted(Exception):
+    """A start cancelled because startup is being abandoned (never leaves this module)."""
 
 
 def _unwrap(exc: BaseException) -> BaseException:

@@ -42,8 +42,8 @@ class LifecycleState(enum.Enum):
 class TimelineEntry:
     """What happened to one service during a run.
 
-    Times are seconds since the run began (on the event loop's clock); ``None`` where the
-    phase never happened.
+    Times are seconds since the run began, measured with `time.perf_counter` (real time,
+    also under a test's virtual clock); ``None`` where the phase never happened.
 
     Attributes:
         service: The service's name.

@@ -66,6 +66,7 @@ async def lifespan_client(
         Exception: The app's own startup or shutdown exception (a `lifecycle.StartupError`,
             for instance), re-raised as itself.
         RuntimeError: The app reported a lifespan failure without raising.
+        TimeoutError: The startup did not complete within ``startup_timeout``.
     """
     import httpx
 
@@ -119,9 +120,16 @@ async def lifespan_client(
         anyio.create_task_group() as task_group,
     ):
         task_group.start_soon(run_lifespan)
-        with anyio.fail_after(startup_timeout):
+        with anyio.move_on_after(startup_timeout) as startup:
             error = await exchange({"type": "lifespan.startup"}, "lifespan.startup.complete")
-        if error is None:
+        if startup.cancelled_caught:
+            # The app's startup is cancelled with the task group (rolling back what started).
+            error = TimeoutError(
+                f"The app's lifespan startup did not complete within the startup_timeout of "
+                f"{startup_timeout}s given to lifespan_client."
+            )
+            task_group.cancel_scope.cancel()
+        elif error is None:
             transport = httpx.ASGITransport(app=_with_state(app, state))
             try:
                 async with httpx.AsyncClient(

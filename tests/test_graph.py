@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -477,6 +478,112 @@ async def test_outside_cancellation_during_startup_rolls_back_and_propagates() -
     assert lc.service_state("b") is ServiceState.STOPPED
 
 
+# A start that completes without a checkpoint while startup is being abandoned: the service
+# has reported started (and is shielded from then on) as the wait for it is cancelled. The
+# rollback must stop it, not wait for it forever.
+
+
+async def test_a_failure_as_another_service_reports_started_rolls_it_back() -> None:
+    lc = Lifecycle()
+    cleaned: list[str] = []
+    go = anyio.Event()
+
+    @lc.service
+    async def failing() -> AsyncIterator[str]:
+        await go.wait()
+        raise RuntimeError("failing failed")
+        yield "never"  # pragma: no cover
+
+    @lc.service
+    async def quick() -> AsyncIterator[str]:
+        go.set()  # wakes `failing`; no checkpoint from here to the yield
+        try:
+            yield "quick"
+        finally:
+            cleaned.append("quick")
+
+    @lc.service
+    async def after(quick: str) -> AsyncIterator[str]:
+        try:
+            yield "after"
+        finally:
+            cleaned.append("after")
+
+    with anyio.fail_after(5), pytest.raises(StartupError) as info:
+        async with lc.run():
+            pytest.fail("startup should not complete")
+    assert set(info.value.failures) == {"failing"}
+    assert "quick" in info.value.rolled_back
+    assert set(cleaned) == set(info.value.rolled_back)
+    assert lc.state is LifecycleState.FAILED
+
+
+async def test_startup_timeout_passing_in_a_blocking_start_rolls_back(
+    anyio_backend: tuple[str, object],
+) -> None:
+    lc = Lifecycle(startup_timeout=0.05)
+    cleaned: list[str] = []
+
+    @lc.service
+    async def blocking() -> AsyncIterator[str]:
+        time.sleep(0.1)  # noqa: ASYNC251 - a blocking connect, past the startup budget
+        try:
+            yield "blocking"
+        finally:
+            cleaned.append("blocking")
+
+    @lc.service
+    async def after(blocking: str) -> AsyncIterator[str]:
+        try:
+            yield "after"
+        finally:
+            cleaned.append("after")
+
+    if anyio_backend[0] == "asyncio":
+        # asyncio's timer fires only once the loop runs again; `after` starts without a
+        # checkpoint, so startup completes first, and the late budget is not an error.
+        with anyio.fail_after(5):
+            async with lc.run() as services:
+                assert set(services) == {"blocking", "after"}
+        assert cleaned == ["after", "blocking"]
+        return
+    # trio sees the deadline has passed before `after` starts: it never starts.
+    with anyio.fail_after(5), pytest.raises(StartupError) as info:
+        async with lc.run():
+            pytest.fail("startup should not complete")
+    assert "'after' was ready to start when the startup_timeout of 0.05s ran out" in str(info.value)
+    assert info.value.rolled_back == ("blocking",)
+    assert cleaned == ["blocking"]
+
+
+async def test_outside_cancellation_as_a_service_reports_started_rolls_it_back() -> None:
+    lc = Lifecycle()
+    cleaned: list[str] = []
+
+    @lc.service
+    async def blocking() -> AsyncIterator[str]:
+        time.sleep(0.1)  # noqa: ASYNC251 - the outside deadline passes meanwhile
+        try:
+            yield "blocking"
+        finally:
+            cleaned.append("blocking")
+
+    @lc.service
+    async def after(blocking: str) -> AsyncIterator[str]:
+        try:
+            yield "after"
+        finally:
+            cleaned.append("after")
+
+    with anyio.fail_after(5):
+        with anyio.move_on_after(0.05) as outside:
+            async with lc.run():
+                await anyio.sleep_forever()
+    assert outside.cancelled_caught
+    assert "blocking" in cleaned
+    assert lc.service_state("blocking") is ServiceState.STOPPED
+
+
 async def test_startup_error_keeps_rollback_failures() -> None:
     lc = Lifecycle()
 
@@ -861,3 +968,111 @@ async def test_wait_started_raises_the_startup_error() -> None:
             async with lc.run():
                 pass
     assert len(errors) == 1
+
+
+# -- found in review ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("error", [KeyboardInterrupt(), SystemExit(3)], ids=repr)
+async def test_keyboard_interrupt_and_system_exit_reach_the_caller_as_themselves(
+    error: BaseException, anyio_backend: tuple[str, object]
+) -> None:
+    lc, log = Lifecycle(), Log()
+    simple(lc, log, "a")
+
+    with pytest.raises(type(error)) as info:
+        async with lc.run():
+            raise error
+    assert info.value is error
+    assert log.of("stop") == ["a"]
+
+    if anyio_backend[0] == "asyncio":
+        return  # asyncio lets these escape a task straight out of the event loop
+    lc2 = Lifecycle()
+    simple(lc2, log, "first")
+
+    @lc2.service
+    async def interrupted(first: str) -> AsyncIterator[str]:
+        await anyio.lowlevel.checkpoint()
+        raise error
+        yield "never"  # pragma: no cover
+
+    with pytest.raises(type(error)) as info:
+        async with lc2.run():
+            pytest.fail("startup should not complete")
+    assert info.value is error
+    assert "first" in log.of("stop")
+
+
+async def test_wait_started_raises_when_the_run_is_refused_as_invalid() -> None:
+    lc = Lifecycle()
+
+    @lc.service
+    async def a(missing: str) -> AsyncIterator[str]:
+        yield "a"  # pragma: no cover
+
+    outcome: list[BaseException] = []
+
+    async def waiter() -> None:
+        try:
+            await lc.wait_started()
+        except GraphError as exc:
+            outcome.append(exc)
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(waiter)
+            await anyio.wait_all_tasks_blocked()
+            with pytest.raises(GraphError) as info:
+                async with lc.run():
+                    pass  # pragma: no cover
+    assert outcome == [info.value]
+
+
+async def test_a_cleanup_cut_by_the_shutdown_budget_names_that_budget() -> None:
+    lc = Lifecycle(shutdown_timeout=0.4)
+
+    @lc.service(stop_timeout=0.3)
+    async def base() -> AsyncIterator[str]:
+        yield "base"
+        await anyio.sleep(0.2)  # fits its own stop_timeout, not what its dependent left
+
+    @lc.service
+    async def dependent(base: str) -> AsyncIterator[str]:
+        yield "dependent"
+        await anyio.sleep(0.35)
+
+    with pytest.raises(ShutdownError) as info:
+        async with lc.run():
+            pass
+    assert "'base' did not finish its cleanup within the shutdown_timeout of 0.4s" in str(
+        info.value
+    )
+
+
+async def test_a_service_declared_after_a_run_is_pending_and_not_running() -> None:
+    lc, log = Lifecycle(), Log()
+    simple(lc, log, "a")
+    async with lc.run():
+        pass
+    simple(lc, log, "b", "a")
+    assert lc.service_state("b") is ServiceState.PENDING
+    with pytest.raises(ServiceNotRunning, match="'b' is not running"):
+        lc.get("b")
+
+
+async def test_a_chain_of_thousands_of_services_validates_starts_and_stops() -> None:
+    lc = Lifecycle()
+    count = 3000
+    for n in reversed(range(count)):  # dependents first: the deepest walk for validation
+        deps = {"previous": f"s{n - 1}"} if n else {}
+
+        async def service(**values: Any) -> AsyncIterator[int]:
+            yield len(values)
+
+        service.__signature__ = _signature(tuple(deps))  # type: ignore[attr-defined]
+        lc.service(name=f"s{n}", depends=deps or None)(service)
+    lc.validate()
+    async with lc.run() as services:
+        assert len(services) == count
+    assert lc.timeline().stop_order[-1] == "s0"

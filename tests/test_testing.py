@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
+import anyio
 import pytest
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -140,3 +141,27 @@ async def test_lifespan_client_keeps_the_body_exception() -> None:
         async with lifespan_client(app):
             raise KeyError("from the test")
     assert log[-1] == "stop config"
+
+
+async def test_lifespan_client_startup_timeout_raises_a_plain_timeout_error() -> None:
+    lc = Lifecycle()
+    stopped: list[str] = []
+
+    @lc.service
+    async def first() -> AsyncIterator[str]:
+        try:
+            yield "first"
+        finally:
+            stopped.append("first")
+
+    @lc.service
+    async def hangs(first: str) -> AsyncIterator[str]:
+        await anyio.sleep_forever()
+        yield "never"  # pragma: no cover
+
+    app = Starlette(lifespan=lc.lifespan)
+    with pytest.raises(TimeoutError, match=r"did not complete within the startup_timeout of 0\.2s"):
+        async with lifespan_client(app, startup_timeout=0.2):
+            pytest.fail("startup should not complete")  # pragma: no cover
+    assert stopped == ["first"]  # what had started was rolled back
+    assert lc.service_state("hangs") is ServiceState.STOPPED
