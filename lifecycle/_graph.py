@@ -37,6 +37,7 @@ from typing import (
 )
 
 import anyio
+import anyio.lowlevel
 from anyio.abc import TaskGroup, TaskStatus
 
 from ._timeline import LifecycleState, ServiceState, Timeline, TimelineEntry
@@ -1213,6 +1214,7 @@ class _Run:
         self.aborting = False
         self.starters_alive = 0
         self.starters_done = anyio.Event()
+        self.startup_deadline = math.inf
         self.shutdown_deadline = math.inf
         self.started_ok = False
         self.stopping = False
@@ -1239,22 +1241,30 @@ class _Run:
         observer = self.lifecycle._observer
         if observer is not None:
             observer.run_starting(self.lifecycle)
+        self.startup_deadline = deadline
         try:
             with anyio.CancelScope() as abort, anyio.CancelScope(deadline=deadline) as budget:
-                async with anyio.create_task_group() as starters:
-                    # Each `TaskGroup.start` waits shielded, and its service starts under that
-                    # shield: were the wait cancelled just as the service reported started,
-                    # the task group would cancel the now-shielded host and wait for it
-                    # forever. So a failure elsewhere, the startup budget or a cancellation
-                    # from outside reaches the starts in progress through this task instead.
-                    starters.start_soon(self._abort_starts_when_cancelled)
-                    # Services with no dependencies start at once; each of the others is
-                    # launched by the start of the last of its dependencies to finish.
-                    for name, count in self.waiting_for.items():
-                        if count == 0:
-                            self._spawn_starter(self.records[name], task_group, starters, abort)
-                    if self.starters_alive == 0:
-                        self.starters_done.set()
+                async with anyio.create_task_group() as watcher:
+                    # The starters wait shielded, and each service starts under that shield:
+                    # were a `TaskGroup.start` cancelled just as its service reported
+                    # started, the task group would cancel the now-shielded host and wait for
+                    # it forever. So a failed start, the startup budget or a cancellation
+                    # from outside reaches the starts in progress through this task instead,
+                    # which cancels their own start scopes.
+                    watcher.start_soon(self._abort_starts_when_cancelled)
+                    with anyio.CancelScope(shield=True):
+                        async with anyio.create_task_group() as starters:
+                            # Services with no dependencies start at once; each of the others
+                            # is launched by the start of the last of its dependencies.
+                            for name, count in self.waiting_for.items():
+                                if count == 0:
+                                    record = self.records[name]
+                                    self._spawn_starter(record, task_group, starters, abort)
+                            if self.starters_alive == 0:
+                                self.starters_done.set()
+            # A cancellation from outside that arrived while the starters were shielded
+            # surfaces here (a task group whose tasks are done exits without a checkpoint).
+            await anyio.lowlevel.checkpoint_if_cancelled()
         except BaseException as exc:
             # Cancelled from outside (or interrupted): roll back, then let it propagate.
             for record in self.records.values():
@@ -1266,7 +1276,7 @@ class _Run:
                 observer.run_started(self.lifecycle, exc)
             raise
 
-        if budget.cancelled_caught:
+        if budget.cancelled_caught or anyio.current_time() >= deadline:
             for record in self.records.values():
                 if record.state is ServiceState.STARTING:
                     record.error = TimeoutError(
@@ -1284,6 +1294,14 @@ class _Run:
                     )
                     self._fail_start(record)
         failures = {n: r.error for n, r in self.records.items() if r.error is not None}
+        if not failures:
+            for record in self.records.values():
+                if not record.started:  # not expected: never report a partial start as done
+                    record.error = RuntimeError(
+                        f"Service {record.service.name!r} was never started."
+                    )
+                    self._fail_start(record)
+                    failures[record.service.name] = record.error
         if not failures:
             self.started_ok = True
             self._log_started()
@@ -1352,12 +1370,12 @@ class _Run:
             next_record: _Record | None = record
             while next_record is not None:
                 record, next_record = next_record, None
-                await anyio.lowlevel.checkpoint_if_cancelled()  # startup is being abandoned
+                if self.aborting or anyio.current_time() >= self.startup_deadline:
+                    return  # startup is being abandoned: left PENDING
                 record.state = ServiceState.STARTING
                 record.start_began = self.now()
                 try:
-                    with anyio.CancelScope(shield=True):
-                        record.value = await task_group.start(self._host, record)
+                    record.value = await task_group.start(self._host, record)
                 except _StartAborted:
                     return  # left STARTING: reported as cancelled (or as out of budget)
                 except Exception as exc:
