@@ -175,8 +175,14 @@ class Lifecycle:
     ) -> None:
         self.startup_timeout = _check_timeout("startup_timeout", startup_timeout)
         self.shutdown_timeout = _check_timeout("shutdown_timeout", shutdown_timeout)
-        if drain_delay != 0:
-            _check_timeout("drain_delay", drain_delay)
+        if isinstance(drain_delay, bool) or not isinstance(drain_delay, int | float):
+            raise TypeError(
+                f"drain_delay must be a number of seconds (0 for no drain), not {drain_delay!r}."
+            )
+        if not math.isfinite(drain_delay) or drain_delay < 0:
+            raise ValueError(
+                f"drain_delay must be a finite number of seconds >= 0, not {drain_delay!r}."
+            )
         self.drain_delay = float(drain_delay)
         self._services: dict[str, Service[Any]] = {}
         self._state = LifecycleState.IDLE

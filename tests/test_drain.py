@@ -5,6 +5,7 @@ The end-to-end drain under a real uvicorn with real SIGTERM is in test_drain_e2e
 
 from __future__ import annotations
 
+import math
 import signal
 from collections.abc import Callable, Iterator
 from types import FrameType
@@ -122,6 +123,11 @@ def test_drain_route_refuses_a_weak_token() -> None:
         drain_route(Lifecycle(), token="short")
 
 
-def test_drain_delay_must_be_positive() -> None:
-    with pytest.raises(ValueError, match="drain_delay must be a positive"):
+def test_drain_delay_must_be_a_finite_number_of_seconds() -> None:
+    with pytest.raises(ValueError, match="drain_delay must be a finite number of seconds >= 0"):
         Lifecycle(drain_delay=-1)
+    with pytest.raises(ValueError, match="drain_delay must be a finite number"):
+        Lifecycle(drain_delay=math.inf)
+    for bad in (None, "5", True):
+        with pytest.raises(TypeError, match=r"drain_delay must be a number of seconds \(0 for"):
+            Lifecycle(drain_delay=bad)  # type: ignore[arg-type]
