@@ -1524,7 +1524,10 @@ class _Run:
         if not record.started:
             # The start was cancelled (the guard swallowed the cancellation).
             raise self._start_cut(record)
-        self._stopped(record, timed_out=guard.cancelled_caught)
+        if guard.cancelled_caught:
+            self._stopped(record, timed_out=True)
+        else:  # a cleanup that shields itself cannot be cut off, only reported
+            self._stopped(record, overran=anyio.current_time() > guard.deadline)
 
     async def _clean_up_cut_start(self, record: _Record, agen: Any) -> None:
         service = record.service
@@ -1632,15 +1635,18 @@ class _Run:
             )
             record.state = ServiceState.STOPPED
             return
-        timed_out = anyio.current_time() > stop_deadline
-        if hooks is not None and record.stop_error is None and not timed_out:
+        # The service was cancelled at once when asked to stop, so its cleanup ran past the
+        # deadline only if it shielded itself: that cannot be cut off, only reported.
+        overran = anyio.current_time() > stop_deadline
+        timed_out = False
+        if hooks is not None and record.stop_error is None and not overran:
             with anyio.CancelScope(shield=True, deadline=stop_deadline) as scope:
                 try:
                     await hooks.after_stop(service.name)
                 except Exception as exc:
                     record.stop_error = exc
             timed_out = scope.cancelled_caught
-        self._stopped(record, timed_out=timed_out)
+        self._stopped(record, timed_out=timed_out, overran=overran)
 
     # -- stopping -------------------------------------------------------------------------
 
@@ -1696,15 +1702,26 @@ class _Run:
         record.stop_limit = f"the shutdown_timeout of {self.lifecycle.shutdown_timeout}s"
         return self.shutdown_deadline
 
-    def _stopped(self, record: _Record, *, timed_out: bool) -> None:
+    def _stopped(self, record: _Record, *, timed_out: bool = False, overran: bool = False) -> None:
+        """Record the end of a stop and log it.
+
+        ``timed_out``: the deadline cut the cleanup off. ``overran``: the cleanup shielded
+        itself and ran past the deadline.
+        """
         service = record.service
         record.stop_ended = self.now()
+        took = record.stop_ended - (record.stop_began or record.stop_ended)
         if timed_out and record.stop_error is None:
             record.stop_error = TimeoutError(
                 f"Service {service.name!r} did not finish its cleanup within "
                 f"{record.stop_limit}; it was cut off."
             )
-        took = record.stop_ended - (record.stop_began or record.stop_ended)
+        elif overran and record.stop_error is None:
+            record.stop_error = TimeoutError(
+                f"Service {service.name!r} took {took:.2f}s to clean up, past "
+                f"{record.stop_limit}: its cleanup shields itself from cancellation, so it "
+                f"could not be cut off."
+            )
         if self.lifecycle._observer is not None:
             self.lifecycle._observer.service_stopped(service, record.stop_error)
         if record.stop_error is None:

@@ -1066,3 +1066,31 @@ async def test_a_chain_of_thousands_of_services_validates_starts_and_stops() -> 
     async with lc.run() as services:
         assert len(services) == count
     assert lc.timeline().stop_order[-1] == "s0"
+
+
+async def test_a_cleanup_that_shields_itself_past_its_deadline_is_reported() -> None:
+    lc = Lifecycle()
+
+    @lc.service(stop_timeout=0.05)
+    async def gen() -> AsyncIterator[str]:
+        yield "gen"
+        with anyio.CancelScope(shield=True):  # no deadline: nobody can cut this off
+            await anyio.sleep(0.2)
+
+    @lc.service(stop_timeout=0.05)
+    async def listener(*, task_status: TaskStatus[str]) -> None:
+        task_status.started("listener")
+        try:
+            await anyio.sleep_forever()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await anyio.sleep(0.2)
+
+    with pytest.raises(ShutdownError) as info:
+        async with lc.run():
+            pass
+    for name in ("gen", "listener"):
+        message = str(info.value.errors[name])
+        assert message.startswith(f"Service {name!r} took 0.2")
+        assert "past its stop_timeout of 0.05s" in message
+        assert "could not be cut off" in message
