@@ -98,9 +98,11 @@ DEFAULT_EXEMPT_PATHS: Final[tuple[str, ...]] = (
     "/startupz",
     "/healthz",
     "/metrics",
+    "/drain",
 )
-"""Paths that pass through the deadline and admission middlewares untouched: probes and
-metrics must answer even when the service is saturated or the caller's budget is tiny."""
+"""Paths that pass through the deadline and admission middlewares untouched: probes, metrics
+and the preStop drain hook must answer even when the service is saturated or the caller's
+budget is tiny (and the drain hook waits out the drain delay)."""
 
 DEADLINE_EXPIRED_HEADER: Final = "x-deadline-expired"
 """Header set to ``1`` on every 504 answered because a deadline expired (here or upstream)."""

@@ -76,7 +76,10 @@ def drain_route(lifecycle: Lifecycle, *, token: str, path: str = "/drain") -> Ro
     The call fails readiness at once (`Lifecycle.begin_drain`), then answers once
     ``drain_delay`` has passed since the drain began, so a Kubernetes ``preStop`` HTTP hook
     holds SIGTERM back for exactly the delay; the SIGTERM that follows is handed straight to
-    the server. It needs ``Authorization: Bearer <token>``; anything else gets 401.
+    the server. It needs ``Authorization: Bearer <token>``; anything else gets 401. Its path
+    is exempt from `DeadlineMiddleware` and `ConcurrencyLimitMiddleware` by default (it waits
+    out the drain delay, and must answer when the service is saturated): mounted elsewhere,
+    add that path to their ``exempt_paths``.
 
     Add it with ``Starlette(routes=[drain_route(lc, token=...)])`` or, on FastAPI,
     ``app.router.routes.append(drain_route(lc, token=...))``.
@@ -96,11 +99,10 @@ def drain_route(lifecycle: Lifecycle, *, token: str, path: str = "/drain") -> Ro
             "triggered by guessing; generate one with `python -c 'import secrets; "
             "print(secrets.token_urlsafe())'`."
         )
-    expected = f"Bearer {token}".encode()
+    expected = token.encode()
 
     async def drain(request: Request) -> Response:
-        presented = request.headers.get("authorization", "").encode()
-        if not hmac.compare_digest(presented, expected):
+        if not _presents_token(request, expected):
             return JSONResponse(
                 {"title": "Unauthorized", "status": 401},
                 status_code=401,
@@ -115,6 +117,14 @@ def drain_route(lifecycle: Lifecycle, *, token: str, path: str = "/drain") -> Ro
         return JSONResponse({"draining": True, "drain_delay": lifecycle.drain_delay})
 
     return Route(path, drain, methods=["POST"], name="lifecycle_drain")
+
+
+def _presents_token(request: Request, token: bytes) -> bool:
+    """Whether the request carries ``Authorization: Bearer <token>`` (scheme in any case)."""
+    scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
+    # Header values arrive decoded as latin-1: encoding them back gives the bytes sent.
+    presented = credentials.strip().encode("latin-1")
+    return scheme.lower() == "bearer" and hmac.compare_digest(presented, token)
 
 
 # -- health -------------------------------------------------------------------------------
@@ -196,13 +206,11 @@ def health_routes(
                 "be guessed; generate one with `python -c 'import secrets; "
                 "print(secrets.token_urlsafe())'`."
             )
-        expected = f"Bearer {details_token}".encode()
+        expected = details_token.encode()
 
     def may_see_details(request: Request) -> bool:
-        if expected is not None:
-            presented = request.headers.get("authorization", "").encode()
-            if hmac.compare_digest(presented, expected):
-                return True
+        if expected is not None and _presents_token(request, expected):
+            return True
         if show_details is not None:
             try:
                 return bool(show_details(request))

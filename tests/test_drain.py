@@ -14,6 +14,7 @@ import anyio
 import pytest
 from starlette.applications import Starlette
 
+import lifecycle
 from lifecycle import Lifecycle
 from lifecycle.starlette import drain_route
 from lifecycle.testing import lifespan_client
@@ -131,3 +132,33 @@ def test_drain_delay_must_be_a_finite_number_of_seconds() -> None:
     for bad in (None, "5", True):
         with pytest.raises(TypeError, match=r"drain_delay must be a number of seconds \(0 for"):
             Lifecycle(drain_delay=bad)  # type: ignore[arg-type]
+
+
+async def test_prestop_route_outlasts_a_short_request_deadline_and_a_full_service(
+    server: FakeServer,
+) -> None:
+    """Behind both middlewares, the hook still waits out the whole delay and answers 200."""
+    lc = Lifecycle(drain_delay=0.3)
+    inner = Starlette(routes=[drain_route(lc, token=TOKEN)], lifespan=lc.lifespan)
+    full = lifecycle.ConcurrencyLimitMiddleware(inner, max_concurrency=1, max_wait=0)
+    app = lifecycle.DeadlineMiddleware(full, default_timeout=0.1)
+    async with lifespan_client(app) as client:
+        began = anyio.current_time()
+        response = await client.post(
+            "/drain",
+            headers={"Authorization": f"bearer {TOKEN}"},  # the scheme in any case
+        )
+        assert response.status_code == 200, response.text
+        assert anyio.current_time() - began >= 0.25
+
+
+async def test_a_non_ascii_token_can_be_presented() -> None:
+    lc = Lifecycle(drain_delay=0.01)
+    token = "sécret-jeton-assez-long"
+    app = Starlette(routes=[drain_route(lc, token=token)], lifespan=lc.lifespan)
+    async with lifespan_client(app) as client:
+        header = f"Bearer {token}".encode()
+        response = await client.post("/drain", headers=[(b"authorization", header)])
+        assert response.status_code == 200
+        wrong = await client.post("/drain", headers=[(b"authorization", "Bearer sé".encode())])
+        assert wrong.status_code == 401
