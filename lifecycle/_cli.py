@@ -73,12 +73,26 @@ def load(target: str) -> Lifecycle:
     module_name, _, attribute = target.partition(":")
     if not module_name:
         raise _TargetError(f"{target!r} names no module; write module:attribute.")
+    if module_name.startswith("."):
+        raise _TargetError(
+            f"{module_name!r} is a relative module name; write the module's full dotted path."
+        )
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
+        if exc.name is not None and not _is_self_or_parent(exc.name, module_name):
+            raise _TargetError(
+                f"Importing {module_name!r} failed: it imports {exc.name!r}, which is not "
+                f"installed; install it in this environment."
+            ) from exc
         raise _TargetError(
             f"Cannot import {module_name!r} ({exc}); run from the directory that contains it, "
             f"or add that directory to PYTHONPATH."
+        ) from exc
+    except Exception as exc:  # its own code failed: say so, not where to find it
+        raise _TargetError(
+            f"Importing {module_name!r} raised {type(exc).__name__}: {exc}; run "
+            f"`python -c 'import {module_name}'` to see the traceback."
         ) from exc
     if not attribute:
         found = list({id(v): v for v in vars(module).values() if isinstance(v, Lifecycle)}.values())
@@ -104,6 +118,10 @@ def load(target: str) -> Lifecycle:
             f"the Lifecycle itself, as in {module_name}:lc."
         )
     return lifecycle
+
+
+def _is_self_or_parent(name: str, module_name: str) -> bool:
+    return module_name == name or module_name.startswith(f"{name}.")
 
 
 def _lifecycle_of(obj: object) -> Lifecycle | None:
@@ -203,7 +221,7 @@ def _mermaid(services: list[Service[Any]], title: str) -> str:
         "flowchart TD",
     ]
     for service in services:
-        text = service.name.replace('"', "#quot;")
+        text = _mermaid_text(service.name)
         shape = f'[["{text}"]]' if service._internal else f'["{text}"]'
         lines.append(f"    {ids[service.name]}{shape}")
     for service in services:
@@ -215,6 +233,13 @@ def _mermaid(services: list[Service[Any]], title: str) -> str:
         lines.append("    classDef internal stroke-dasharray: 4 4")
         lines.append(f"    class {','.join(internal)} internal")
     return "\n".join(lines)
+
+
+def _mermaid_text(text: str) -> str:
+    """``text`` safe inside a quoted Mermaid label: markup characters as entity codes."""
+    return "".join(
+        f"#{ord(char)};" if char in '#"<>&' or not char.isprintable() else char for char in text
+    )
 
 
 def _dot(services: list[Service[Any]], title: str) -> str:

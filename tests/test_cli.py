@@ -172,6 +172,31 @@ def test_graph_reports_an_invalid_graph(
     assert "depends on unknown service 'db'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("source", "target", "message"),
+    [
+        ("import not_installed_pkg_xyz\n", "needs_dep:lc", "it imports 'not_installed_pkg_xyz'"),
+        ("raise RuntimeError('boom at import')\n", "boom_app:lc", "raised RuntimeError: boom"),
+        ("def broken(:\n", "syntax_app:lc", "raised SyntaxError"),
+        ("", ".relative:lc", "'.relative' is a relative module name"),
+    ],
+)
+def test_graph_explains_a_module_that_cannot_be_imported(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    source: str,
+    target: str,
+    message: str,
+) -> None:
+    module_name = target.partition(":")[0].lstrip(".")
+    (tmp_path / f"{module_name}.py").write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, module_name, raising=False)
+    assert main(["graph", target]) == 1
+    assert message in capsys.readouterr().err
+
+
 def test_render_graph_rejects_an_unknown_format() -> None:
     with pytest.raises(ValueError, match="format must be one of"):
         render_graph(shop(), "svg")
@@ -337,3 +362,14 @@ async def test_no_gantt_is_rendered_unless_debug_is_on(
         pass
     assert rendered == []
     assert not any(r.getMessage().startswith("Timeline") for r in caplog.records)
+
+
+def test_mermaid_labels_escape_markup_in_service_names() -> None:
+    lc = Lifecycle()
+
+    @lc.service(name='a"b#c<br>d\ne')
+    async def odd() -> AsyncIterator[str]:
+        yield "odd"
+
+    rendered = render_graph(lc, "mermaid")
+    assert '    s0["a#34;b#35;c#60;br#62;d#10;e"]' in rendered.splitlines()
