@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any, Protocol
 
@@ -21,20 +22,53 @@ class Cache(Protocol):
 
 
 class MemoryCache:
+    """A bounded in-process cache: at most ``max_entries`` entries, each until its TTL passes.
+
+    Entries are kept in write order. Each write first drops entries from the oldest end while
+    they have expired or the cache is full, so that memory stays bounded even for keys that
+    are never read again. With one TTL for every key (as in this app) the expired entries are
+    all at that end; with mixed TTLs an expired entry behind a live one waits for its key to be
+    read, or for the bound to evict it.
+    """
+
     kind = "memory"
 
-    def __init__(self) -> None:
-        self._entries: dict[str, tuple[float, str]] = {}
+    def __init__(
+        self, max_entries: int = 10_000, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        if isinstance(max_entries, bool) or not isinstance(max_entries, int) or max_entries < 1:
+            raise ValueError(
+                f"max_entries must be a whole number of entries >= 1, not {max_entries!r}; "
+                f"set CACHE_MAX_ENTRIES to a positive integer."
+            )
+        self.max_entries = max_entries
+        self._clock = clock
+        # An OrderedDict, not a dict: popping its oldest entry again and again stays O(1).
+        self._entries: OrderedDict[str, tuple[float, str]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
 
     async def get(self, key: str) -> str | None:
         entry = self._entries.get(key)
-        if entry is None or entry[0] < time.monotonic():
-            self._entries.pop(key, None)
+        if entry is None:
             return None
-        return entry[1]
+        expires, value = entry
+        if expires <= self._clock():
+            del self._entries[key]
+            return None
+        return value
 
     async def set(self, key: str, value: str, ttl: float) -> None:
-        self._entries[key] = (time.monotonic() + ttl, value)
+        now = self._clock()
+        entries = self._entries
+        entries.pop(key, None)  # a rewritten key moves to the newest end
+        while entries:
+            expires, _ = next(iter(entries.values()))
+            if expires > now and len(entries) < self.max_entries:
+                break
+            entries.popitem(last=False)
+        entries[key] = (now + ttl, value)
 
     async def delete(self, key: str) -> None:
         self._entries.pop(key, None)
@@ -64,10 +98,13 @@ class RedisCache:
 
 
 @asynccontextmanager
-async def connect(redis_url: str | None) -> AsyncIterator[Cache]:
-    """Open the cache named by the settings; close it on exit."""
+async def connect(redis_url: str | None, max_entries: int) -> AsyncIterator[Cache]:
+    """Open the cache named by the settings; close it on exit.
+
+    ``max_entries`` bounds the in-process cache; Redis bounds itself (its ``maxmemory``).
+    """
     if not redis_url:
-        yield MemoryCache()
+        yield MemoryCache(max_entries)
         return
     import redis.asyncio
 

@@ -12,13 +12,14 @@ class Settings:
 
     ``DATABASE_URL`` selects PostgreSQL (``postgresql://...``); without it the service uses
     SQLite at ``SQLITE_PATH``. ``REDIS_URL`` selects Redis; without it the cache lives in the
-    process.
+    process, holding at most ``CACHE_MAX_ENTRIES`` entries.
     """
 
     database_url: str | None
     sqlite_path: str
     redis_url: str | None
     cache_ttl: float
+    cache_max_entries: int
     reindex_seconds: float
     upstream_url: str
 
@@ -29,6 +30,7 @@ class Settings:
             sqlite_path=os.environ.get("SQLITE_PATH", "example_app.db"),
             redis_url=os.environ.get("REDIS_URL") or None,
             cache_ttl=float(os.environ.get("CACHE_TTL", "30")),
+            cache_max_entries=int(os.environ.get("CACHE_MAX_ENTRIES", "10000")),
             reindex_seconds=float(os.environ.get("REINDEX_SECONDS", "0.05")),
             upstream_url=os.environ.get("UPSTREAM_URL", "http://127.0.0.1:8000"),
         )
