@@ -8,8 +8,8 @@ from __future__ import annotations
 import hmac
 import json
 import time
-from collections.abc import Awaitable, Callable, Mapping
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Coroutine, Mapping
+from typing import TYPE_CHECKING, Any
 
 import anyio
 from starlette.requests import Request
@@ -28,7 +28,7 @@ __all__ = ["drain_route", "exception_handlers"]
 
 def exception_handlers(
     *, retry_after: int = 1
-) -> Mapping[type[Exception], Callable[[Request, Exception], Awaitable[Response]]]:
+) -> dict[int | type[Exception], Callable[[Request, Any], Coroutine[Any, Any, Response]]]:
     """Exception handlers turning overload into ``503 Service Unavailable``.
 
     `QueueFull` (a worker pool or queue is full) and `PoolClosed` (the app is draining)
@@ -40,7 +40,7 @@ def exception_handlers(
         retry_after: Seconds the client should wait before retrying.
 
     Returns:
-        A mapping from exception class to handler.
+        A dict from exception class to handler, typed as Starlette and FastAPI take it.
     """
     if isinstance(retry_after, bool) or not isinstance(retry_after, int) or retry_after < 0:
         raise ValueError(f"retry_after must be whole seconds >= 0, not {retry_after!r}.")

@@ -5,8 +5,12 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import assert_type
 
+from fastapi import FastAPI
+from starlette.applications import Starlette
+
 import lifecycle
-from lifecycle import BackgroundTask, PeriodicJob, Service, WorkerPool
+from lifecycle import BackgroundTask, PeriodicJob, QueueFull, Service, WorkerPool
+from lifecycle.starlette import exception_handlers
 
 lc = lifecycle.Lifecycle()
 
@@ -48,3 +52,10 @@ async def use() -> None:
         assert_type(services[db], str)
     assert_type(await handle.call(1), bytes)
     assert_type(lc.get(db), str)
+
+
+# The overload handlers plug into both frameworks as they are typed.
+fastapi_app = FastAPI(exception_handlers=exception_handlers(retry_after=2))
+handlers = exception_handlers()
+fastapi_app_merged = FastAPI(exception_handlers={**handlers, 404: handlers[QueueFull]})
+starlette_app = Starlette(exception_handlers=exception_handlers())
