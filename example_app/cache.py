@@ -98,7 +98,7 @@ class RedisCache:
 
 
 @asynccontextmanager
-async def connect(redis_url: str | None, max_entries: int) -> AsyncIterator[Cache]:
+async def connect(redis_url: str | None, max_entries: int = 10_000) -> AsyncIterator[Cache]:
     """Open the cache named by the settings; close it on exit.
 
     ``max_entries`` bounds the in-process cache; Redis bounds itself (its ``maxmemory``).

@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import difflib
 import enum
+import functools
 import inspect
 import logging
 import math
@@ -1568,7 +1569,11 @@ class _Run:
 
         async def run_service(*, task_status: TaskStatus[Any]) -> None:
             nonlocal exited
-            reporter = _StartedReporter(task_status)
+            observer = self.lifecycle._observer
+            on_ready = (
+                None if observer is None else functools.partial(observer.service_ready, service)
+            )
+            reporter = _StartedReporter(task_status, on_ready)
             try:
                 if hooks is not None:
                     await hooks.before_start(service.name)
@@ -1825,13 +1830,18 @@ class _Run:
 class _StartedReporter:
     """Forwards ``task_status.started`` and remembers whether the service called it."""
 
-    def __init__(self, task_status: TaskStatus[Any]) -> None:
+    def __init__(
+        self, task_status: TaskStatus[Any], on_ready: Callable[[], None] | None = None
+    ) -> None:
         self._task_status = task_status
+        self._on_ready = on_ready
         self.reported = False
 
     def started(self, value: Any = None) -> None:
         self._task_status.started(value)
         self.reported = True
+        if self._on_ready is not None:
+            self._on_ready()  # in the service's own task, before it runs on
 
 
 class _StartAborted(Exception):

@@ -19,7 +19,10 @@ import bisect
 import itertools
 import math
 from collections.abc import Iterable, Sequence
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
+
+import anyio
 
 from . import _deadline
 from ._observe import JobObserver, Observer, attach, check_attachable, detach
@@ -114,6 +117,8 @@ def instrument_metrics(
             f"The registry already has lifecycle metrics ({exc}); another Lifecycle was "
             f"instrumented with it. Give each Lifecycle its own CollectorRegistry."
         ) from exc
+    # Only once registered, so that a refused registration leaves nothing behind.
+    _deadline._observers.append(metrics._budget_left)
     attach(lifecycle, metrics._observer)
     return metrics
 
@@ -145,7 +150,8 @@ class LifecycleMetrics:
       ``lifecycle_pool_saturation_ratio`` (running / concurrency),
       ``lifecycle_pool_jobs_{accepted,completed,failed,rejected,abandoned}_total`` and the
       histograms ``lifecycle_pool_job_wait_duration_seconds`` and
-      ``lifecycle_pool_job_run_duration_seconds``, all labelled ``pool``;
+      ``lifecycle_pool_job_run_duration_seconds`` of the jobs that completed or failed (as
+      in the pool's ``statistics()``, abandoned jobs are left out), all labelled ``pool``;
     - each supervised task: ``lifecycle_background_state{task,state}``,
       ``lifecycle_background_restarts_total``, ``lifecycle_background_failures_total``,
       ``lifecycle_background_backoff_remaining_seconds``;
@@ -175,9 +181,10 @@ class LifecycleMetrics:
         self._observer = _MetricsObserver(_check_buckets(buckets))
         self._watched: list[object] = []
         # What is left of each request's budget when it ends, from every DeadlineMiddleware
-        # in the process (the middleware knows no Lifecycle).
+        # in the process (the middleware knows no Lifecycle); `instrument_metrics` adds it to
+        # the middleware's observers.
         self._budget_left = _BudgetLeft(_check_buckets(buckets))
-        _deadline._observers.append(self._budget_left)
+        self._closed = False
 
     def __repr__(self) -> str:
         return f"<LifecycleMetrics of {self.lifecycle!r}>"
@@ -199,7 +206,13 @@ class LifecycleMetrics:
                 self._watched.append(target)
 
     def close(self) -> None:
-        """Unregister from the registry and stop observing the Lifecycle."""
+        """Unregister from the registry and stop observing the Lifecycle.
+
+        Closing again does nothing.
+        """
+        if self._closed:
+            return
+        self._closed = True
         detach(self.lifecycle, self._observer)
         if self._budget_left in _deadline._observers:
             _deadline._observers.remove(self._budget_left)
@@ -346,17 +359,33 @@ class _BudgetLeft:
         self.histogram.observe(max(0.0, remaining))
 
 
+# The wait time of the job a worker task runs, from `_PoolHistograms.started` to `finished`:
+# a worker runs one job at a time and calls both hooks in its own task.
+_waited: ContextVar[float] = ContextVar("lifecycle_job_waited", default=0.0)
+
+
 class _PoolHistograms(JobObserver):
-    """The wait and run time histograms of one pool, observed once per job each."""
+    """The wait and run time histograms of one pool.
+
+    Like the pool's ``statistics()``, they leave out the jobs abandoned when the pool stopped,
+    whose run the end of the drain cut off: both count the jobs that completed or failed (a
+    timeout included), each job once it ended, since a histogram cannot take an observation
+    back. Unlike ``statistics()``, they keep counting across runs of the Lifecycle.
+    """
 
     def __init__(self, bounds: tuple[float, ...]) -> None:
         self.wait = _Histogram(bounds)
         self.run = _Histogram(bounds)
 
     def started(self, waited: float) -> None:
-        self.wait.observe(waited)
+        _waited.set(waited)
 
     def finished(self, ran: float) -> None:
+        # Outside the job's own timeout scope, as the pool decides: cancelled from around
+        # the job, by the end of the drain or the app's shutdown, it is abandoned.
+        if anyio.current_effective_deadline() == -math.inf:
+            return
+        self.wait.observe(_waited.get())
         self.run.observe(ran)
 
 
@@ -469,7 +498,7 @@ class _Families:
         )
         self.pool_wait = HistogramMetricFamily(
             "lifecycle_pool_job_wait_duration_seconds",
-            "How long jobs waited in the queue before they ran.",
+            "How long the jobs that completed or failed had waited in the queue.",
             labels=["pool"],
         )
         self.deadline_budget_left = HistogramMetricFamily(
@@ -478,7 +507,7 @@ class _Families:
         )
         self.pool_run = HistogramMetricFamily(
             "lifecycle_pool_job_run_duration_seconds",
-            "How long job handlers ran.",
+            "How long the handlers of the jobs that completed or failed ran.",
             labels=["pool"],
         )
         # Supervised tasks and periodic jobs.

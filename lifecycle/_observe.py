@@ -34,7 +34,11 @@ class JobObserver:
         """A job left the queue after waiting ``waited`` seconds and is about to run."""
 
     def finished(self, ran: float) -> None:
-        """A job's handler ran for ``ran`` seconds (completed, failed or cancelled)."""
+        """A job's handler ran for ``ran`` seconds (completed, failed or cancelled).
+
+        It is called in the worker task that called `started` for the job, outside the job's
+        own timeout scope, before the pool counts the job's outcome.
+        """
 
     def wrap(self, payload: Any, job: Coroutine[Any, Any, R]) -> Coroutine[Any, Any, R]:
         """Wrap the coroutine running one job; it runs in the submitter's context."""
@@ -58,9 +62,11 @@ class TaskObserver:
 class Observer:
     """Watches the runs of a `Lifecycle`; every method is a no-op unless overridden.
 
-    Each service's ``service_*`` calls happen in that service's host task, so an observer may
-    set context variables in ``service_starting`` and reset them in ``service_started`` or
-    ``service_start_failed`` (likewise from ``service_stopping`` to ``service_stopped``).
+    Each service's ``service_*`` calls but `service_ready` happen in that service's host task,
+    so an observer may set context variables in ``service_starting`` and reset them in
+    ``service_started`` or ``service_start_failed`` (likewise from ``service_stopping`` to
+    ``service_stopped``). Tasks the service spawns meanwhile copy those variables and keep
+    them after the host task resets its own.
     """
 
     def run_starting(self, lifecycle: Lifecycle) -> None:
@@ -77,6 +83,13 @@ class Observer:
 
     def service_starting(self, service: Service[Any]) -> None:
         """A service's start begins (its dependencies are running)."""
+
+    def service_ready(self, service: Service[Any]) -> None:
+        """A long-running service called ``task_status.started()``, in the task it called it in.
+
+        Its host task calls `service_started` only once it resumes, while the service's own
+        task runs on meanwhile: this is the first moment the service is known to run.
+        """
 
     def service_started(self, service: Service[Any]) -> None:
         """A service started and is running."""
@@ -200,6 +213,10 @@ class _Fanout(Observer):
     def service_starting(self, service: Service[Any]) -> None:
         for observer in self.observers:
             observer.service_starting(service)
+
+    def service_ready(self, service: Service[Any]) -> None:
+        for observer in self.observers:
+            observer.service_ready(service)
 
     def service_started(self, service: Service[Any]) -> None:
         for observer in self.observers:

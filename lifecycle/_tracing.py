@@ -8,23 +8,31 @@ when it configures none. The spans:
   spans of the services it depends on; ``lifecycle shutdown`` (or the rollback of a failed
   startup, a child of the startup span), with a child ``stop <service>`` per cleanup, linked to
   the stop spans of the services that depend on it. A service's own spans made while it
-  starts (or cleans up) are children of its start (or stop) span.
+  starts (or cleans up) are children of its start (or stop) span, in whichever of its tasks
+  they are made; what it does once it runs (a long-running service's work, the tasks it
+  spawned, a supervised task's runs) starts traces of its own.
 - ``job <pool>`` around each worker pool job, in the context of the code that submitted it:
   a job submitted while handling a request is a child of the request's span.
-- ``restart <task>`` over the backoff before each restart of a supervised task, and
-  ``periodic <job>`` around each run of a periodic job, each the root of a trace of its own,
-  linked to the start span of its service.
+- ``restart <task>`` over the backoff before each restart of a supervised task,
+  ``periodic <job>`` around each run of a periodic job, and ``health <check>`` around each run
+  of a health check, each the root of a trace of its own, linked to the start span of its
+  service.
 
-Failures set the span's status to ``ERROR`` and record the exception; cancellation sets
+Failures set the span's status to ``ERROR`` and record the exception. A job, periodic run or
+health-check run cut off by its own timeout records a `TimeoutError` (the pool counts the job
+failed with one; the periodic job or check counts a timeout); any other cancellation sets
 ``ERROR`` with the description ``cancelled``.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Awaitable, Coroutine, Iterator, Mapping
+import functools
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping
 from contextvars import Token
 from typing import TYPE_CHECKING, Any, TypeVar
+
+import anyio
 
 from . import _deadline
 from ._observe import (
@@ -38,7 +46,16 @@ from ._observe import (
 
 if TYPE_CHECKING:
     from opentelemetry.context import Context
-    from opentelemetry.trace import Span, Tracer, TracerProvider
+    from opentelemetry.trace import (
+        Link,
+        Span,
+        SpanContext,
+        Status,
+        StatusCode,
+        Tracer,
+        TracerProvider,
+    )
+    from opentelemetry.util.types import AnyValue, Attributes
 
     from ._graph import Lifecycle, Service
     from ._health import HealthCheck
@@ -172,13 +189,89 @@ def _fail(span: Span, error: BaseException) -> None:
         span.set_status(Status(StatusCode.ERROR, "cancelled"))
 
 
-def _root_linked_to_current() -> tuple[Context, list[Any]]:
-    """An empty context (a new trace), and a link to the current span if there is one."""
-    from opentelemetry.context import Context
-    from opentelemetry.trace import Link, get_current_span
+class _Phase:
+    """The span of the phase a service is in: its start, its stop, or none while it runs.
 
-    current = get_current_span().get_span_context()
-    return Context(), [Link(current)] if current.is_valid else []
+    While a service starts or stops, its host task makes the `stand_in` for this span current,
+    not the span itself. The tasks the service spawns meanwhile (a long-running service's own
+    task, the loop of a supervised task, a task group's children) copy that context and keep
+    it for as long as they run, out of the host task's reach; the stand-in is how the start
+    span is taken back from them once the service runs, and how the stop span reaches them
+    (a long-running service cleans up in its own task) when it stops.
+    """
+
+    __slots__ = ("span", "stand_in")
+
+    def __init__(self) -> None:
+        self.span: Span | None = None
+        self.stand_in = _stand_in_type()(self)
+
+
+@functools.cache
+def _stand_in_type() -> Callable[[_Phase], Span]:
+    """The class of `_Phase.stand_in`, made on first use (opentelemetry is optional)."""
+    from opentelemetry.trace import INVALID_SPAN
+    from opentelemetry.trace import Span as SpanBase
+
+    class PhaseSpan(SpanBase):
+        """Acts as the span of its phase, or as no span at all between phases.
+
+        As no span (``INVALID_SPAN``), it makes the spans started under it roots of traces of
+        their own, and what is recorded on it goes nowhere.
+        """
+
+        __slots__ = ("_phase",)
+
+        def __init__(self, phase: _Phase) -> None:
+            self._phase = phase
+
+        def __repr__(self) -> str:
+            return f"<span of the current phase: {self._span!r}>"
+
+        @property
+        def _span(self) -> Span:
+            span = self._phase.span
+            return INVALID_SPAN if span is None else span
+
+        def end(self, end_time: int | None = None) -> None:
+            self._span.end(end_time)
+
+        def get_span_context(self) -> SpanContext:
+            return self._span.get_span_context()
+
+        def set_attributes(self, attributes: Mapping[str, AnyValue]) -> None:
+            self._span.set_attributes(attributes)
+
+        def set_attribute(self, key: str, value: AnyValue) -> None:
+            self._span.set_attribute(key, value)
+
+        def add_event(
+            self, name: str, attributes: Attributes = None, timestamp: int | None = None
+        ) -> None:
+            self._span.add_event(name, attributes, timestamp)
+
+        def add_link(self, context: SpanContext, attributes: Attributes = None) -> None:
+            self._span.add_link(context, attributes)
+
+        def update_name(self, name: str) -> None:
+            self._span.update_name(name)
+
+        def is_recording(self) -> bool:
+            return self._span.is_recording()
+
+        def set_status(self, status: Status | StatusCode, description: str | None = None) -> None:
+            self._span.set_status(status, description)
+
+        def record_exception(
+            self,
+            exception: BaseException,
+            attributes: Attributes = None,
+            timestamp: int | None = None,
+            escaped: bool = False,
+        ) -> None:
+            self._span.record_exception(exception, attributes, timestamp, escaped)
+
+    return PhaseSpan
 
 
 class _TracingObserver(Observer):
@@ -188,8 +281,10 @@ class _TracingObserver(Observer):
         self.shutdown: Span | None = None
         self.starts: dict[str, Span] = {}
         self.stops: dict[str, Span] = {}
+        self.phases: dict[str, _Phase] = {}
         self.dependents: dict[str, list[str]] = {}
-        # Each service's span is made current in its host task while it starts or stops.
+        # The stand-in of each service's phase span is made current in its host task while it
+        # starts or stops.
         self.tokens: dict[str, Token[Context]] = {}
 
     # -- startup and shutdown ----------------------------------------------------------------
@@ -197,6 +292,7 @@ class _TracingObserver(Observer):
     def run_starting(self, lifecycle: Lifecycle) -> None:
         self.starts.clear()
         self.stops.clear()
+        self.phases.clear()
         self.shutdown = None
         self.startup = self.tracer.start_span(
             "lifecycle startup", attributes={"lifecycle.services": len(lifecycle.declared)}
@@ -245,6 +341,12 @@ class _TracingObserver(Observer):
         ]
         self.starts[service.name] = self._begin(service, "start", self.startup, links)
 
+    def service_ready(self, service: Service[Any]) -> None:
+        # In the service's own task, which runs on before the host task ends the start span.
+        current = self.phases.get(service.name)
+        if current is not None:
+            current.span = None
+
     def service_started(self, service: Service[Any]) -> None:
         self._end(service, self.starts.get(service.name), None)
 
@@ -274,12 +376,19 @@ class _TracingObserver(Observer):
             links=[Link(link) for link in links],
             attributes={"lifecycle.service": service.name, "lifecycle.internal": service._internal},
         )
-        self.tokens[service.name] = context.attach(set_span_in_context(span))
+        current = self.phases.get(service.name)
+        if current is None:
+            current = self.phases[service.name] = _Phase()
+        current.span = span
+        self.tokens[service.name] = context.attach(set_span_in_context(current.stand_in))
         return span
 
     def _end(self, service: Service[Any], span: Span | None, error: BaseException | None) -> None:
         from opentelemetry import context
 
+        current = self.phases.get(service.name)
+        if current is not None:
+            current.span = None  # in every task that copied the context too
         token = self.tokens.pop(service.name, None)
         if token is not None:
             context.detach(token)
@@ -289,28 +398,41 @@ class _TracingObserver(Observer):
             _fail(span, error)
         span.end()
 
+    def _links_to_start(self, service: Service[Any]) -> list[Link]:
+        """A link to the span of ``service``'s start in this run, if it was traced."""
+        from opentelemetry.trace import Link
+
+        start = self.starts.get(service.name)
+        return [] if start is None else [Link(start.get_span_context())]
+
     # -- background work ---------------------------------------------------------------------
 
     def worker_pool(self, pool: WorkerPool[Any, Any]) -> JobObserver:
-        return _TracedJobs(self.tracer, pool.name)
+        return _TracedJobs(self.tracer, pool)
 
     def background_task(self, task: BackgroundTask) -> TaskObserver:
-        return _TracedTask(self.tracer, task.name, "restart", "lifecycle.task")
+        links = self._links_to_start(task.service)
+        return _TracedTask(
+            self.tracer, f"restart {task.name}", {"lifecycle.task": task.name}, links
+        )
 
     def periodic_job(self, job: PeriodicJob) -> TaskObserver:
-        return _TracedTask(self.tracer, job.name, "periodic", "lifecycle.job")
+        links = self._links_to_start(job.service)
+        return _TracedRun(self.tracer, job, links)
 
     def health_check(self, check: HealthCheck) -> TaskObserver:
-        return _TracedTask(self.tracer, check.name, "health", "lifecycle.check")
+        links = self._links_to_start(check.service)
+        return _TracedCheck(self.tracer, check, links)
 
 
 class _TracedJobs(JobObserver):
     """A span around each job of one pool, in the submitter's context."""
 
-    def __init__(self, tracer: Tracer, pool: str) -> None:
+    def __init__(self, tracer: Tracer, pool: WorkerPool[Any, Any]) -> None:
         self.tracer = tracer
-        self.name = f"job {pool}"
-        self.pool = pool
+        self.name = f"job {pool.name}"
+        self.pool = pool.name
+        self.job_timeout = pool.job_timeout
         # `started` and `wrap` are called for the same job with no await in between, so the
         # wait time of the job about to be wrapped is kept here.
         self.waited = 0.0
@@ -319,40 +441,62 @@ class _TracedJobs(JobObserver):
         self.waited = waited
 
     def wrap(self, payload: Any, job: Coroutine[Any, Any, R]) -> Coroutine[Any, Any, R]:
-        return self._traced(job, self.waited)
+        # Called in the worker's task outside the job's own timeout scope: this deadline is
+        # that of what runs the job (the pool's drain, the app's shutdown).
+        around = anyio.current_effective_deadline()
+        return self._traced(payload, job, self.waited, around)
 
-    async def _traced(self, job: Coroutine[Any, Any, R], waited: float) -> R:
+    async def _traced(
+        self, payload: Any, job: Coroutine[Any, Any, R], waited: float, around: float
+    ) -> R:
         # This runs in the submitter's copied context: the current span is the submitter's.
         span = self.tracer.start_span(
             self.name,
             attributes={"lifecycle.pool": self.pool, "lifecycle.job.wait_seconds": waited},
         )
-        with _current(span):
+        # Inside the job's timeout scope now: a nearer deadline than ``around`` is the job's.
+        deadline = anyio.current_effective_deadline()
+
+        def timed_out() -> TimeoutError | None:
+            if deadline >= around or anyio.current_time() < deadline:
+                return None  # cut off from around: the pool abandons it
+            why = "its job_timeout" if self.job_timeout else "the deadline it inherited"
+            return TimeoutError(
+                f"Job {payload!r} of worker pool {self.pool!r} ran out of time ({why})."
+            )
+
+        with _current(span, timed_out):
             return await job
 
 
 class _TracedTask(TaskObserver):
-    """Spans of the runs of a periodic job, or the restarts of a supervised task."""
+    """Spans of the restarts of a supervised task (or the runs of a periodic job or check).
 
-    def __init__(self, tracer: Tracer, name: str, what: str, attribute: str) -> None:
+    Each is the root of a trace of its own, linked to the start span of its service.
+    """
+
+    def __init__(
+        self, tracer: Tracer, name: str, attributes: dict[str, Any], links: list[Link]
+    ) -> None:
         self.tracer = tracer
-        self.span_name = f"{what} {name}"
-        self.attributes: dict[str, Any] = {attribute: name}
+        self.span_name = name
+        self.attributes = attributes
+        self.links = links
 
     def wrap(self, run: Awaitable[R]) -> Awaitable[R]:
         return self._traced(run)
 
     async def _traced(self, run: Awaitable[R]) -> R:
-        root, links = _root_linked_to_current()
-        span = self.tracer.start_span(
-            self.span_name, context=root, links=links, attributes=self.attributes
-        )
-        with _current(span):
+        span = self._start(self.attributes)
+        with _current(span, self._timeout()):
             return await run
+
+    def _timeout(self) -> Callable[[], TimeoutError | None] | None:
+        """At the start of a run: what tells, if it is cancelled, whether its timeout cut it."""
+        return None
 
     @contextlib.contextmanager
     def restarting(self, restart: int, delay: float, error: str | None) -> Iterator[object]:
-        root, links = _root_linked_to_current()
         attributes = {
             **self.attributes,
             "lifecycle.restart": restart,
@@ -360,23 +504,84 @@ class _TracedTask(TaskObserver):
         }
         if error is not None:
             attributes["lifecycle.error"] = error
-        span = self.tracer.start_span(
-            self.span_name, context=root, links=links, attributes=attributes
-        )
-        with _current(span):
+        with _current(self._start(attributes)) as span:
             yield span
+
+    def _start(self, attributes: dict[str, Any]) -> Span:
+        from opentelemetry.context import Context
+
+        return self.tracer.start_span(
+            self.span_name, context=Context(), links=self.links, attributes=attributes
+        )
+
+
+class _TracedRun(_TracedTask):
+    """The runs of a periodic job, which its ``timeout`` may cut off."""
+
+    def __init__(self, tracer: Tracer, job: PeriodicJob, links: list[Link]) -> None:
+        super().__init__(tracer, f"periodic {job.name}", {"lifecycle.job": job.name}, links)
+        self.job = job
+
+    def _timeout(self) -> Callable[[], TimeoutError | None] | None:
+        timeout = self.job.timeout
+        if timeout is None:
+            return None
+        # A run is wrapped inside the scope of its timeout: this is its deadline (or a nearer
+        # one around it, which only a stopping app sets, after the last run started).
+        deadline = anyio.current_effective_deadline()
+        name = self.job.name
+
+        def timed_out() -> TimeoutError | None:
+            if anyio.current_time() < deadline:
+                return None
+            return TimeoutError(f"Periodic job {name!r} timed out after {timeout}s.")
+
+        return timed_out
+
+
+class _TracedCheck(_TracedTask):
+    """The runs of a health check, which its ``timeout`` may cut off."""
+
+    def __init__(self, tracer: Tracer, check: HealthCheck, links: list[Link]) -> None:
+        super().__init__(tracer, f"health {check.name}", {"lifecycle.check": check.name}, links)
+        self.check = check
+
+    def _timeout(self) -> Callable[[], TimeoutError | None] | None:
+        # The check cancels a run at its timeout and counts the timeout at once, before the
+        # run sees the cancellation; runs never overlap.
+        check = self.check
+        before = check.statistics().timeouts
+
+        def timed_out() -> TimeoutError | None:
+            if check.statistics().timeouts == before:
+                return None
+            return TimeoutError(
+                f"Health check {check.name!r} did not answer within its timeout of "
+                f"{check.timeout}s."
+            )
+
+        return timed_out
 
 
 @contextlib.contextmanager
-def _current(span: Span) -> Iterator[Span]:
-    """Make ``span`` current for the block; end it after, failed if the block raised."""
+def _current(
+    span: Span, timed_out: Callable[[], TimeoutError | None] | None = None
+) -> Iterator[Span]:
+    """Make ``span`` current for the block; end it after, failed if the block raised.
+
+    ``timed_out`` says, if the block is cancelled, whether that was its timeout, and with
+    which `TimeoutError`.
+    """
     from opentelemetry.trace import use_span
 
     try:
         with use_span(span, record_exception=False, set_status_on_exception=False):
             yield span
     except BaseException as exc:
-        _fail(span, exc)
+        error: BaseException = exc
+        if timed_out is not None and isinstance(exc, anyio.get_cancelled_exc_class()):
+            error = timed_out() or exc
+        _fail(span, error)
         raise
     finally:
         span.end()

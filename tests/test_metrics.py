@@ -25,6 +25,7 @@ from lifecycle import (
     Lifecycle,
     QueueFull,
     SupervisorState,
+    _deadline,
     instrument_metrics,
 )
 from lifecycle._metrics import _Histogram
@@ -141,10 +142,10 @@ async def test_scenario_scraped_from_the_metrics_route() -> None:
     assert value(running, "lifecycle_pool_jobs_failed_total", pool="jobs") == 1
     assert value(running, "lifecycle_pool_jobs_rejected_total", pool="jobs") == 1
     assert value(running, "lifecycle_pool_jobs_abandoned_total", pool="jobs") == 0
-    # Three jobs left the queue (ok, fail, block); two finished running.
+    # Three jobs left the queue (ok, fail, block); the histograms count the two that ended.
     wait = "lifecycle_pool_job_wait_duration_seconds"
-    assert value(running, f"{wait}_count", pool="jobs") == 3
-    assert value(running, f"{wait}_bucket", pool="jobs", le="+Inf") == 3
+    assert value(running, f"{wait}_count", pool="jobs") == 2
+    assert value(running, f"{wait}_bucket", pool="jobs", le="+Inf") == 2
     assert value(running, f"{wait}_sum", pool="jobs") >= 0
     assert value(running, "lifecycle_pool_job_run_duration_seconds_count", pool="jobs") == 2
     # The supervised tasks: one gave up after a restart, one waits out a 30 s backoff.
@@ -179,8 +180,13 @@ async def test_scenario_scraped_from_the_metrics_route() -> None:
         for outcome in ("completed", "failed", "abandoned")
     )
     assert accepted == finished == 5
-    # The cancelled job's run time counts too.
-    assert value(stopped, "lifecycle_pool_job_run_duration_seconds_count", pool="jobs") == 3
+    # The blocked job was abandoned: like statistics(), the histograms leave it out.
+    stats = jobs.statistics()
+    run = "lifecycle_pool_job_run_duration_seconds"
+    assert value(stopped, f"{wait}_count", pool="jobs") == 2
+    assert value(stopped, f"{run}_count", pool="jobs") == 2
+    assert value(stopped, f"{wait}_sum", pool="jobs") == pytest.approx(stats.wait_time_total)
+    assert value(stopped, f"{run}_sum", pool="jobs") == pytest.approx(stats.run_time_total)
     assert value(stopped, "lifecycle_background_state", task="patient", state="stopped") == 1
     metrics.close()
 
@@ -399,6 +405,47 @@ async def test_fastapi_router() -> None:
     assert "/metrics" not in schema["paths"]
 
 
+async def test_job_time_histograms_count_finished_jobs_not_abandoned_ones() -> None:
+    registry = CollectorRegistry()
+    lc = Lifecycle()
+    stuck = anyio.Event()
+
+    @lc.worker(job_timeout=0.01)
+    async def timed(job: str) -> str:
+        if job == "hang":
+            await anyio.sleep_forever()
+        return job
+
+    @lc.worker(drain_timeout=0.01)
+    async def drained(job: str) -> None:
+        stuck.set()
+        await anyio.sleep_forever()
+
+    metrics = instrument_metrics(lc, registry=registry)
+    try:
+        async with lc.run():
+            assert await timed.call("ok") == "ok"
+            with pytest.raises(TimeoutError):
+                await timed.call("hang")  # cut off by its job_timeout: failed
+            drained.submit_nowait("stuck")  # cut off by the end of the drain: abandoned
+            await stuck.wait()
+        samples = parse(generate_latest(registry).decode())
+    finally:
+        metrics.close()
+
+    stats = timed.statistics()
+    assert (stats.completed, stats.failed, stats.abandoned) == (1, 1, 0)
+    assert drained.statistics().abandoned == 1
+    for histogram, total in (
+        ("lifecycle_pool_job_wait_duration_seconds", stats.wait_time_total),
+        ("lifecycle_pool_job_run_duration_seconds", stats.run_time_total),
+    ):
+        assert value(samples, f"{histogram}_count", pool="timed") == 2
+        assert value(samples, f"{histogram}_sum", pool="timed") == pytest.approx(total)
+        assert value(samples, f"{histogram}_count", pool="drained") == 0
+        assert value(samples, f"{histogram}_sum", pool="drained") == 0
+
+
 # -- enabling -----------------------------------------------------------------------------
 
 
@@ -426,6 +473,36 @@ async def test_instrument_refuses_what_it_cannot_do() -> None:
     async with lc.run():
         with pytest.raises(RuntimeError, match="before the app starts"):
             instrument_metrics(lc, registry=CollectorRegistry())
+
+
+async def test_a_refused_registration_leaves_nothing_behind() -> None:
+    registry = CollectorRegistry()
+    metrics = instrument_metrics(Lifecycle(), registry=registry)
+    observers = list(_deadline._observers)
+    refused = Lifecycle()
+    for _ in range(3):
+        with pytest.raises(ValueError, match="its own CollectorRegistry"):
+            instrument_metrics(refused, registry=registry)
+    assert _deadline._observers == observers  # no budget observer of a refused collector
+    assert refused._observer is None
+    metrics.close()
+    assert len(_deadline._observers) == len(observers) - 1
+
+
+async def test_closing_twice_does_nothing_the_second_time() -> None:
+    lc = Lifecycle()
+    registry = CollectorRegistry()
+    metrics = instrument_metrics(lc, registry=registry)
+    metrics.close()
+    metrics.close()
+    again = instrument_metrics(lc, registry=registry)
+    metrics.close()  # an old handle leaves the new collector alone
+    assert lc._observer is again._observer
+    assert "lifecycle_state" in generate_latest(registry).decode()
+    again.close()
+    again.close()
+    assert lc._observer is None
+    assert "lifecycle_state" not in generate_latest(registry).decode()
 
 
 async def test_histogram_buckets_are_cumulative_and_inclusive() -> None:

@@ -71,6 +71,12 @@ def linked(span: ReadableSpan) -> set[int]:
     return {link.context.span_id for link in span.links}
 
 
+def exception_type(span: ReadableSpan) -> object:
+    (event,) = span.events
+    assert event.attributes is not None
+    return event.attributes["exception.type"]
+
+
 # -- startup and shutdown -----------------------------------------------------------------
 
 
@@ -183,6 +189,84 @@ async def test_a_start_cancelled_by_a_timeout_is_marked(spans: Spans) -> None:
     assert "did not start within" in (start.status.description or "")
 
 
+async def test_what_a_service_does_once_running_is_not_under_its_start_span(
+    spans: Spans,
+) -> None:
+    lc = Lifecycle()
+    tracer = spans.tracer
+    go = anyio.Event()
+    consumed, listened, polled = anyio.Event(), anyio.Event(), anyio.Event()
+
+    @lc.service
+    async def consumer(*, task_status: TaskStatus[str]) -> None:
+        with tracer.start_as_current_span("subscribe"):
+            await anyio.lowlevel.checkpoint()
+        task_status.started("consumer")
+        try:
+            await go.wait()
+            with tracer.start_as_current_span("handle message"):
+                await anyio.lowlevel.checkpoint()
+            consumed.set()
+            await anyio.sleep_forever()
+        finally:
+            # Cancelled to stop it: it cleans up in its own task.
+            tracer.start_span("unsubscribe").end()
+
+    async def listen() -> None:
+        await go.wait()
+        with tracer.start_as_current_span("handle event"):
+            await anyio.lowlevel.checkpoint()
+        listened.set()
+
+    @lc.service
+    async def listener() -> AsyncIterator[str]:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(listen)  # spawned while it starts, runs on after
+            yield "listener"
+            tg.cancel_scope.cancel()
+
+    @lc.background()
+    async def poller() -> None:
+        await go.wait()
+        with tracer.start_as_current_span("poll"):
+            await anyio.lowlevel.checkpoint()
+        polled.set()
+        await anyio.sleep_forever()
+
+    instrument_tracing(lc, tracer_provider=spans.provider)
+    async with lc.run():
+        go.set()
+        await consumed.wait()
+        await listened.wait()
+        await polled.wait()
+
+    startup = spans.one("lifecycle startup")
+    assert parent_of(spans.one("subscribe")) == span_id(spans.one("start consumer"))
+    for name in ("handle message", "handle event", "poll"):
+        span = spans.one(name)
+        assert span.parent is None, name  # a trace of its own, not the startup's
+        assert trace_id(span) != trace_id(startup), name
+    assert parent_of(spans.one("unsubscribe")) == span_id(spans.one("stop consumer"))
+
+
+async def test_a_span_made_right_after_reporting_started_is_not_under_the_start_span(
+    spans: Spans,
+) -> None:
+    lc = Lifecycle()
+    tracer = spans.tracer
+
+    @lc.service
+    async def consumer(*, task_status: TaskStatus[str]) -> None:
+        task_status.started("consumer")
+        with tracer.start_as_current_span("handle message"):
+            await anyio.sleep_forever()
+
+    instrument_tracing(lc, tracer_provider=spans.provider)
+    async with lc.run():
+        pass
+    assert spans.one("handle message").parent is None
+
+
 # -- worker jobs --------------------------------------------------------------------------
 
 
@@ -238,7 +322,7 @@ async def test_failed_and_timed_out_jobs(spans: Spans) -> None:
     async with lc.run():
         with pytest.raises(ValueError, match="bad input"):
             await work.call("fail")
-        with pytest.raises(TimeoutError):
+        with pytest.raises(TimeoutError) as timeout:
             await work.call("hang")
 
     failed, timed_out = spans.named("job work")
@@ -246,8 +330,34 @@ async def test_failed_and_timed_out_jobs(spans: Spans) -> None:
     assert failed.status.status_code is StatusCode.ERROR
     assert failed.status.description == "ValueError: bad input"
     assert [event.name for event in failed.events] == ["exception"]
+    # Cut off by its job_timeout: the TimeoutError the pool counts it failed with.
+    assert work.statistics().failed == 2
     assert timed_out.status.status_code is StatusCode.ERROR
-    assert timed_out.status.description == "cancelled"
+    assert timed_out.status.description == f"TimeoutError: {timeout.value}"
+    assert "ran out of time (its job_timeout)" in str(timeout.value)
+    assert [event.name for event in timed_out.events] == ["exception"]
+    assert exception_type(timed_out) == "TimeoutError"
+
+
+async def test_a_job_cut_off_by_the_drain_is_cancelled_not_timed_out(spans: Spans) -> None:
+    lc = Lifecycle()
+    began = anyio.Event()
+
+    @lc.worker(job_timeout=30.0, drain_timeout=0.01)
+    async def work(job: str) -> None:
+        began.set()
+        await anyio.sleep_forever()
+
+    instrument_tracing(lc, tracer_provider=spans.provider)
+    async with lc.run():
+        work.submit_nowait("stuck")
+        await began.wait()
+
+    assert work.statistics().abandoned == 1
+    job = spans.one("job work")
+    assert job.status.status_code is StatusCode.ERROR
+    assert job.status.description == "cancelled"
+    assert job.events == ()
 
 
 # -- supervised tasks and periodic jobs ---------------------------------------------------
@@ -321,6 +431,57 @@ async def test_the_observer_side_of_health_check_spans(spans: Spans) -> None:
     assert run.attributes is not None
     assert run.attributes["lifecycle.check"] == "database"
     assert run.status.description == "ConnectionError: database is down"
+
+
+async def test_periodic_and_health_check_runs_cut_off_by_their_timeout(spans: Spans) -> None:
+    lc = Lifecycle()
+    hung = anyio.Event()
+    runs = 0
+
+    @lc.periodic(every=3600.0, first_run="now", timeout=0.01)
+    async def report() -> None:
+        await anyio.sleep_forever()
+
+    @lc.health_check(interval=3600.0, timeout=0.01)
+    async def ping() -> None:
+        await anyio.sleep_forever()
+
+    @lc.health_check(interval=0.01, timeout=30.0)
+    async def slow() -> None:
+        nonlocal runs
+        runs += 1
+        if runs == 2:
+            hung.set()
+            await anyio.sleep_forever()  # until the app stops: cancelled, not timed out
+
+    instrument_tracing(lc, tracer_provider=spans.provider)
+    async with lc.run():
+        with anyio.fail_after(5):
+            while not (spans.named("periodic report") and spans.named("health ping")):  # noqa: ASYNC110 - runs are periodic
+                await anyio.sleep(0.01)
+            await hung.wait()
+
+    assert report.statistics().timeouts == 1
+    run = spans.one("periodic report")
+    assert run.status.status_code is StatusCode.ERROR
+    assert run.status.description == "TimeoutError: Periodic job 'report' timed out after 0.01s."
+    assert exception_type(run) == "TimeoutError"
+
+    assert ping.statistics().timeouts == 1
+    check = spans.one("health ping")
+    assert check.status.status_code is StatusCode.ERROR
+    assert check.status.description == (
+        "TimeoutError: Health check 'ping' did not answer within its timeout of 0.01s."
+    )
+    assert exception_type(check) == "TimeoutError"
+    assert linked(check) == {span_id(spans.one("start health:ping"))}
+
+    assert slow.statistics().timeouts == 0
+    passed, cancelled = spans.named("health slow")
+    assert passed.status.status_code is StatusCode.UNSET
+    assert cancelled.status.status_code is StatusCode.ERROR
+    assert cancelled.status.description == "cancelled"
+    assert cancelled.events == ()
 
 
 # -- alongside metrics, and enabling ------------------------------------------------------
