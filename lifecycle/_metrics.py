@@ -19,10 +19,7 @@ import bisect
 import itertools
 import math
 from collections.abc import Iterable, Sequence
-from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
-
-import anyio
 
 from . import _deadline
 from ._observe import JobObserver, Observer, attach, check_attachable, detach
@@ -359,11 +356,6 @@ class _BudgetLeft:
         self.histogram.observe(max(0.0, remaining))
 
 
-# The wait time of the job a worker task runs, from `_PoolHistograms.started` to `finished`:
-# a worker runs one job at a time and calls both hooks in its own task.
-_waited: ContextVar[float] = ContextVar("lifecycle_job_waited", default=0.0)
-
-
 class _PoolHistograms(JobObserver):
     """The wait and run time histograms of one pool.
 
@@ -377,15 +369,8 @@ class _PoolHistograms(JobObserver):
         self.wait = _Histogram(bounds)
         self.run = _Histogram(bounds)
 
-    def started(self, waited: float) -> None:
-        _waited.set(waited)
-
-    def finished(self, ran: float) -> None:
-        # Outside the job's own timeout scope, as the pool decides: cancelled from around
-        # the job, by the end of the drain or the app's shutdown, it is abandoned.
-        if anyio.current_effective_deadline() == -math.inf:
-            return
-        self.wait.observe(_waited.get())
+    def finished(self, waited: float, ran: float) -> None:
+        self.wait.observe(waited)
         self.run.observe(ran)
 
 

@@ -33,11 +33,11 @@ class JobObserver:
     def started(self, waited: float) -> None:
         """A job left the queue after waiting ``waited`` seconds and is about to run."""
 
-    def finished(self, ran: float) -> None:
-        """A job's handler ran for ``ran`` seconds (completed, failed or cancelled).
+    def finished(self, waited: float, ran: float) -> None:
+        """A job completed or failed, after waiting ``waited`` seconds and running ``ran``.
 
-        It is called in the worker task that called `started` for the job, outside the job's
-        own timeout scope, before the pool counts the job's outcome.
+        It is called in the worker task that called `started` for the job, once the pool has
+        counted its outcome; not for a job the pool abandons (its run was cut off).
         """
 
     def wrap(self, payload: Any, job: Coroutine[Any, Any, R]) -> Coroutine[Any, Any, R]:
@@ -259,9 +259,9 @@ class _JobFanout(JobObserver):
         for observer in self.observers:
             observer.started(waited)
 
-    def finished(self, ran: float) -> None:
+    def finished(self, waited: float, ran: float) -> None:
         for observer in self.observers:
-            observer.finished(ran)
+            observer.finished(waited, ran)
 
     def wrap(self, payload: Any, job: Coroutine[Any, Any, R]) -> Coroutine[Any, Any, R]:
         for observer in self.observers:

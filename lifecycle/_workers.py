@@ -587,8 +587,6 @@ class WorkerPool(Generic[J, R]):
             finally:
                 self._running -= 1
                 ran = time.perf_counter() - began
-                if observer is not None:
-                    observer.finished(ran)
         except anyio.get_cancelled_exc_class() as exc:
             if _task_is_cancelled():
                 # The drain deadline passed while the job ran. Only started jobs that are
@@ -610,6 +608,8 @@ class WorkerPool(Generic[J, R]):
             if item.result is not None:
                 item.result.value = value
                 item.result.event.set()
+        if observer is not None:  # completed or failed; not for a job the pool abandons
+            observer.finished(waited, ran)
 
     def _ran(self, seconds: float) -> None:
         self._run_total += seconds
