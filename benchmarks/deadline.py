@@ -213,7 +213,16 @@ def serve(variant: str, port: int) -> None:
         _deadline._use_shared_timer = False
         variant = "lifecycle"
     app = VARIANTS[variant]()
-    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
+    # Pinned: with uvicorn[standard] installed, "auto" would pick uvloop and httptools.
+    uvicorn.run(
+        app,
+        host="127.0.0.1",
+        port=port,
+        loop="asyncio",
+        http="h11",
+        log_level="warning",
+        access_log=False,
+    )
 
 
 def load_client(port: int, connections: int, seconds: float) -> None:

@@ -98,7 +98,16 @@ def serve(port: int) -> None:
     import uvicorn
 
     app, _ = build_app()
-    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
+    # Pinned: with uvicorn[standard] installed, "auto" would pick uvloop and httptools.
+    uvicorn.run(
+        app,
+        host="127.0.0.1",
+        port=port,
+        loop="asyncio",
+        http="h11",
+        log_level="warning",
+        access_log=False,
+    )
 
 
 def free_port() -> int:
