@@ -483,6 +483,28 @@ async def test_outside_cancellation_during_startup_rolls_back_and_propagates() -
 # rollback must stop it, not wait for it forever.
 
 
+def no_checkpoint_to_yield(
+    lc: Lifecycle, cleaned: list[str], name: str, *deps: str, before: Any = None
+) -> None:
+    """Declare a generator service ``name`` that reaches its yield without a checkpoint
+    (after calling ``before``, if given) and records its cleanup in ``cleaned``."""
+
+    async def service(**values: Any) -> AsyncIterator[str]:
+        if before is not None:
+            before()
+        try:
+            yield name
+        finally:
+            cleaned.append(name)
+
+    service.__signature__ = _signature(deps)  # type: ignore[attr-defined]
+    lc.service(name=name)(service)
+
+
+def blocking_connect() -> None:
+    time.sleep(0.1)  # past the deadlines below, with no checkpoint
+
+
 async def test_a_failure_as_another_service_reports_started_rolls_it_back() -> None:
     lc = Lifecycle()
     cleaned: list[str] = []
@@ -494,20 +516,8 @@ async def test_a_failure_as_another_service_reports_started_rolls_it_back() -> N
         raise RuntimeError("failing failed")
         yield "never"  # pragma: no cover
 
-    @lc.service
-    async def quick() -> AsyncIterator[str]:
-        go.set()  # wakes `failing`; no checkpoint from here to the yield
-        try:
-            yield "quick"
-        finally:
-            cleaned.append("quick")
-
-    @lc.service
-    async def after(quick: str) -> AsyncIterator[str]:
-        try:
-            yield "after"
-        finally:
-            cleaned.append("after")
+    no_checkpoint_to_yield(lc, cleaned, "quick", before=go.set)  # wakes `failing`
+    no_checkpoint_to_yield(lc, cleaned, "after", "quick")
 
     with anyio.fail_after(5), pytest.raises(StartupError) as info:
         async with lc.run():
@@ -521,21 +531,8 @@ async def test_a_failure_as_another_service_reports_started_rolls_it_back() -> N
 async def test_startup_timeout_passing_in_a_blocking_start_rolls_back() -> None:
     lc = Lifecycle(startup_timeout=0.05)
     cleaned: list[str] = []
-
-    @lc.service
-    async def blocking() -> AsyncIterator[str]:
-        time.sleep(0.1)  # noqa: ASYNC251 - a blocking connect, past the startup budget
-        try:
-            yield "blocking"
-        finally:
-            cleaned.append("blocking")
-
-    @lc.service
-    async def after(blocking: str) -> AsyncIterator[str]:
-        try:
-            yield "after"
-        finally:
-            cleaned.append("after")
+    no_checkpoint_to_yield(lc, cleaned, "blocking", before=blocking_connect)
+    no_checkpoint_to_yield(lc, cleaned, "after", "blocking")
 
     # The budget has run out before `after` can start: it never starts.
     with anyio.fail_after(5), pytest.raises(StartupError) as info:
@@ -549,21 +546,8 @@ async def test_startup_timeout_passing_in_a_blocking_start_rolls_back() -> None:
 async def test_outside_cancellation_as_a_service_reports_started_rolls_it_back() -> None:
     lc = Lifecycle()
     cleaned: list[str] = []
-
-    @lc.service
-    async def blocking() -> AsyncIterator[str]:
-        time.sleep(0.1)  # noqa: ASYNC251 - the outside deadline passes meanwhile
-        try:
-            yield "blocking"
-        finally:
-            cleaned.append("blocking")
-
-    @lc.service
-    async def after(blocking: str) -> AsyncIterator[str]:
-        try:
-            yield "after"
-        finally:
-            cleaned.append("after")
+    no_checkpoint_to_yield(lc, cleaned, "blocking", before=blocking_connect)
+    no_checkpoint_to_yield(lc, cleaned, "after", "blocking")
 
     with anyio.fail_after(5):
         with anyio.move_on_after(0.05) as outside:
