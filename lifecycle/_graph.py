@@ -1164,7 +1164,6 @@ class _Record:
         "error",
         "host_done",
         "service",
-        "start_aborted",
         "start_began",
         "start_ended",
         "started",
@@ -1182,7 +1181,6 @@ class _Record:
         self.state = ServiceState.PENDING
         self.value: Any = None
         self.started = False
-        self.start_aborted = False  # its start was cancelled by a rollback or from outside
         self.stop_limit = ""  # which limit bounds its cleanup, for the error if it is cut off
         # Events exist only where something waits on them: startup of a thousand services
         # should not pay for three thousand events.
@@ -1219,6 +1217,7 @@ class _Run:
         # abandoned (see `start`).
         self.starting: dict[_Record, anyio.CancelScope] = {}
         self.aborting = False
+        self.aborted_by_budget = False  # rather than by a failed start or from outside
         self.starters_alive = 0
         self.starters_done = anyio.Event()
         self.startup_deadline = math.inf
@@ -1250,7 +1249,7 @@ class _Run:
             observer.run_starting(self.lifecycle)
         self.startup_deadline = deadline
         try:
-            with anyio.CancelScope() as abort, anyio.CancelScope(deadline=deadline) as budget:
+            with anyio.CancelScope() as abort, anyio.CancelScope(deadline=deadline):
                 async with anyio.create_task_group() as watcher:
                     # The starters wait shielded, and each service starts under that shield:
                     # were a `TaskGroup.start` cancelled just as its service reported
@@ -1283,7 +1282,7 @@ class _Run:
                 observer.run_started(self.lifecycle, exc)
             raise
 
-        if budget.cancelled_caught or anyio.current_time() >= deadline:
+        if self.aborted_by_budget or (not self.aborting and anyio.current_time() >= deadline):
             for record in self.records.values():
                 if record.state is ServiceState.STARTING:
                     record.error = TimeoutError(
@@ -1332,23 +1331,15 @@ class _Run:
             await self.starters_done.wait()
         finally:
             if not self.starters_done.is_set():
+                # Why, decided now: a start failing later, while the others unwind, or the
+                # unwinding outlasting the budget, does not change it.
+                failed = any(record.error is not None for record in self.records.values())
+                self.aborted_by_budget = (
+                    not failed and anyio.current_time() >= self.startup_deadline
+                )
                 self.aborting = True
-                for record, scope in self.starting.items():
-                    record.start_aborted = True
+                for scope in self.starting.values():
                     scope.cancel()
-
-    def _starting(self, record: _Record, scope: anyio.CancelScope) -> None:
-        """Make ``scope``, around ``record``'s start, cancellable by an abandoned startup."""
-        if self.aborting:
-            record.start_aborted = True
-            scope.cancel()
-        self.starting[record] = scope
-
-    def _start_cut(self, record: _Record) -> Exception:
-        """What a host raises when its start scope was cancelled."""
-        if record.start_aborted:
-            return _StartAborted()
-        return self._start_timed_out(record.service)
 
     def _spawn_starter(
         self,
@@ -1439,10 +1430,31 @@ class _Run:
         try:
             if observer is not None:
                 observer.service_starting(service)
-            if service._form is _Form.GENERATOR:
-                await self._host_generator(record, kwargs, task_status)
-            else:
-                await self._host_task(record, kwargs, task_status)
+            # Abandoning startup cancels this scope. It spans the host's whole life, so it
+            # nests around whatever scopes the service keeps open across its yield, and the
+            # guard's shield blocks it once the service runs: a start that completes just as
+            # it is cancelled simply counts as started, and is rolled back like the others.
+            cancelled: BaseException | None = None
+            with anyio.CancelScope() as abortable:
+                if self.aborting:
+                    abortable.cancel()
+                self.starting[record] = abortable
+                try:
+                    if service._form is _Form.GENERATOR:
+                        await self._host_generator(record, kwargs, task_status)
+                    else:
+                        await self._host_task(record, kwargs, task_status)
+                except anyio.get_cancelled_exc_class() as exc:
+                    cancelled = exc
+                    raise
+                finally:
+                    del self.starting[record]
+            if abortable.cancelled_caught and not record.started:
+                if observer is not None and cancelled is not None:
+                    observer.service_start_failed(service, cancelled)
+                raise _StartAborted
+        except _StartAborted:
+            raise
         except BaseException as exc:
             if observer is not None and not record.started:
                 observer.service_start_failed(service, exc)
@@ -1478,7 +1490,6 @@ class _Run:
         # everything the service owns, tasks it spawned included, stops only when its turn
         # comes in the reverse-order shutdown.
         with anyio.CancelScope(deadline=self._start_deadline(service)) as guard:
-            self._starting(record, guard)
             try:
                 if hooks is not None:
                     await hooks.before_start(service.name)
@@ -1490,14 +1501,8 @@ class _Run:
                 ) from None
             except Exception as exc:
                 if guard.cancel_called:
-                    raise self._start_cut(record) from exc
+                    raise self._start_timed_out(service) from exc
                 raise
-            finally:
-                del self.starting[record]
-            if guard.cancel_called:
-                # Cut just as it yielded: it holds its resources, so it cleans up at once.
-                await self._clean_up_cut_start(record, agen)
-                raise self._start_cut(record)
             guard.deadline = math.inf
             guard.shield = True
             self._running(record, value)
@@ -1523,41 +1528,12 @@ class _Run:
                 except Exception as exc:
                     record.stop_error = exc
         if not record.started:
-            # The start was cancelled (the guard swallowed the cancellation).
-            raise self._start_cut(record)
+            # The start deadline cancelled the start (the guard swallowed the cancellation).
+            raise self._start_timed_out(service)
         if guard.cancelled_caught:
             self._stopped(record, timed_out=True)
         else:  # a cleanup that shields itself cannot be cut off, only reported
             self._stopped(record, overran=anyio.current_time() > guard.deadline)
-
-    async def _clean_up_cut_start(self, record: _Record, agen: Any) -> None:
-        service = record.service
-        deadline = math.inf
-        if service.stop_timeout is not None:
-            deadline = anyio.current_time() + service.stop_timeout
-        with anyio.CancelScope(shield=True, deadline=deadline) as scope:
-            try:
-                await agen.__anext__()
-            except StopAsyncIteration:
-                return
-            except Exception as exc:
-                logger.error(
-                    "Service %r failed to clean up after its start was cut: %s",
-                    service.name,
-                    _describe(exc),
-                    exc_info=exc,
-                    extra={"service": service.name, "phase": "stop"},
-                )
-                return
-            await agen.aclose()
-        if scope.cancelled_caught:
-            logger.error(
-                "Service %r did not finish its cleanup within its stop_timeout of %ss "
-                "after its start was cut.",
-                service.name,
-                service.stop_timeout,
-                extra={"service": service.name, "phase": "stop"},
-            )
 
     async def _host_task(
         self, record: _Record, kwargs: dict[str, Any], task_status: TaskStatus[Any]
@@ -1594,17 +1570,14 @@ class _Run:
             with anyio.CancelScope() as guard:
                 async with anyio.create_task_group() as inner:
                     with anyio.CancelScope(deadline=self._start_deadline(service)) as scope:
-                        self._starting(record, scope)
                         try:
                             value = await inner.start(run_service)
                         except Exception as exc:
                             if scope.cancel_called:
-                                raise self._start_cut(record) from exc
+                                raise self._start_timed_out(service) from exc
                             raise
-                        finally:
-                            del self.starting[record]
                     if scope.cancelled_caught:
-                        raise self._start_cut(record)
+                        raise self._start_timed_out(service)
                     guard.shield = True
                     self._running(record, value)
                     task_status.started(value)

@@ -558,6 +558,95 @@ async def test_outside_cancellation_as_a_service_reports_started_rolls_it_back()
     assert lc.service_state("blocking") is ServiceState.STOPPED
 
 
+async def test_a_start_completing_as_startup_is_abandoned_is_rolled_back_like_the_rest() -> None:
+    """It holds a task group across its yield (as every worker pool does): its cleanup must
+    run once, in its own scopes, as a rollback."""
+    lc = Lifecycle()
+    cleaned: list[str] = []
+
+    @lc.service
+    async def failing() -> AsyncIterator[str]:
+        await anyio.sleep(0.05)
+        raise RuntimeError("boom")
+        yield "never"  # pragma: no cover
+
+    @lc.service
+    async def holder() -> AsyncIterator[str]:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(anyio.sleep_forever)
+            with anyio.CancelScope(shield=True):
+                await anyio.sleep(0.2)  # a connect that shields itself past the failure
+            try:
+                yield "holder"
+            finally:
+                cleaned.append("holder")
+                tg.cancel_scope.cancel()
+
+    with anyio.fail_after(5), pytest.raises(StartupError) as info:
+        async with lc.run():
+            pytest.fail("startup should not complete")
+    assert list(info.value.failures) == ["failing"]
+    assert info.value.rolled_back == ("holder",)
+    assert info.value.cancelled == ()
+    assert cleaned == ["holder"]
+    assert lc.service_state("holder") is ServiceState.STOPPED
+
+
+async def test_starts_cancelled_by_a_failure_stay_so_when_unwinding_outlasts_the_budget() -> None:
+    lc = Lifecycle(startup_timeout=0.3)
+    simple(lc, Log(), "base")
+
+    @lc.service
+    async def failing(base: str) -> AsyncIterator[str]:
+        await anyio.sleep(0.05)
+        raise RuntimeError("boom")
+        yield "never"  # pragma: no cover
+
+    @lc.service
+    async def slow() -> AsyncIterator[str]:
+        try:
+            await anyio.sleep(10)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await anyio.sleep(0.4)  # closing a half-open connection, past the budget
+        yield "never"  # pragma: no cover
+
+    @lc.service
+    async def later(base: str) -> AsyncIterator[str]:
+        await anyio.sleep(0.1)
+        yield "later"  # pragma: no cover
+
+    with anyio.fail_after(5), pytest.raises(StartupError) as info:
+        async with lc.run():
+            pytest.fail("startup should not complete")
+    assert list(info.value.failures) == ["failing"]
+    assert set(info.value.cancelled) == {"slow", "later"}
+    assert info.value.rolled_back == ("base",)
+
+
+@pytest.mark.parametrize("form", ["generator", "task"])
+async def test_a_start_blocking_past_its_start_timeout_then_ready_is_started(form: str) -> None:
+    """The loop never ran while it blocked, so neither backend can have cut it: it started."""
+    lc = Lifecycle()
+    if form == "generator":
+
+        @lc.service(start_timeout=0.05)
+        async def service() -> AsyncIterator[str]:
+            time.sleep(0.1)  # noqa: ASYNC251
+            yield "ready"
+
+    else:
+
+        @lc.service(start_timeout=0.05)
+        async def service(*, task_status: TaskStatus[str]) -> None:
+            time.sleep(0.1)  # noqa: ASYNC251
+            task_status.started("ready")
+            await anyio.sleep_forever()
+
+    async with lc.run() as services:
+        assert services["service"] == "ready"
+
+
 async def test_startup_error_keeps_rollback_failures() -> None:
     lc = Lifecycle()
 

@@ -189,6 +189,32 @@ async def test_a_start_cancelled_by_a_timeout_is_marked(spans: Spans) -> None:
     assert "did not start within" in (start.status.description or "")
 
 
+async def test_a_start_cancelled_by_a_failure_elsewhere_is_marked_cancelled(
+    spans: Spans,
+) -> None:
+    lc = Lifecycle()
+
+    @lc.service
+    async def failing() -> AsyncIterator[str]:
+        await anyio.sleep(0.01)
+        raise ConnectionError("down")
+        yield "never"  # pragma: no cover
+
+    @lc.service
+    async def slow() -> AsyncIterator[str]:
+        await anyio.sleep_forever()
+        yield "never"  # pragma: no cover
+
+    instrument_tracing(lc, tracer_provider=spans.provider)
+    with pytest.raises(StartupError):
+        async with lc.run():
+            pass
+    start = spans.one("start slow")
+    assert start.status.status_code is StatusCode.ERROR
+    assert start.status.description == "cancelled"
+    assert start.events == ()
+
+
 async def test_what_a_service_does_once_running_is_not_under_its_start_span(
     spans: Spans,
 ) -> None:
