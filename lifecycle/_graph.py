@@ -17,7 +17,6 @@ import contextlib
 import dataclasses
 import difflib
 import enum
-import functools
 import inspect
 import logging
 import math
@@ -1379,6 +1378,7 @@ class _Run:
                 except Exception as exc:
                     record.error = exc
                     self._fail_start(record)
+                    self.aborting = True  # at once: no other starter may begin a start now
                     abort.cancel()
                     return
                 for name in self.plan.dependents[record.service.name]:
@@ -1426,6 +1426,8 @@ class _Run:
         service = record.service
         kwargs = {param: self.records[target].value for param, target in service.depends.items()}
         observer = self.lifecycle._observer
+        if self.aborting:  # startup was abandoned since this start was launched
+            raise _StartAborted
         self.hosts_alive += 1
         try:
             if observer is not None:
@@ -1436,8 +1438,6 @@ class _Run:
             # it is cancelled simply counts as started, and is rolled back like the others.
             cancelled: BaseException | None = None
             with anyio.CancelScope() as abortable:
-                if self.aborting:
-                    abortable.cancel()
                 self.starting[record] = abortable
                 try:
                     if service._form is _Form.GENERATOR:
@@ -1542,14 +1542,26 @@ class _Run:
         hooks = self.lifecycle._hooks
         exited = False
         stop_deadline = math.inf
+        # The service runs in a child task, so scopes here nest simply. Like the generator
+        # form's, the guard is cancellable while starting and a shield once running: from the
+        # moment the service reports started, before its own task runs on, so that abandoning
+        # startup at that moment cannot reach a service that counts as started.
+        guard = anyio.CancelScope()
+        observer = self.lifecycle._observer
+
+        def ready() -> None:
+            abortable = self.starting.get(record)
+            if abortable is not None and abortable.cancel_called:
+                # Startup was abandoned first: the start is cut (a shield now would keep the
+                # service from the cancellation already on its way, and its start waiting).
+                return
+            guard.shield = True
+            if observer is not None:
+                observer.service_ready(service)
 
         async def run_service(*, task_status: TaskStatus[Any]) -> None:
             nonlocal exited
-            observer = self.lifecycle._observer
-            on_ready = (
-                None if observer is None else functools.partial(observer.service_ready, service)
-            )
-            reporter = _StartedReporter(task_status, on_ready)
+            reporter = _StartedReporter(task_status, ready)
             try:
                 if hooks is not None:
                     await hooks.before_start(service.name)
@@ -1564,10 +1576,8 @@ class _Run:
                 assert record.wake is not None
                 record.wake.set()
 
-        # The service runs in a child task, so scopes here nest simply. Like the generator
-        # form's, the guard is cancellable while starting and a shield once running.
         try:
-            with anyio.CancelScope() as guard:
+            with guard:
                 async with anyio.create_task_group() as inner:
                     with anyio.CancelScope(deadline=self._start_deadline(service)) as scope:
                         try:

@@ -1167,3 +1167,92 @@ async def test_a_cleanup_that_shields_itself_past_its_deadline_is_reported() -> 
         assert message.startswith(f"Service {name!r} took 0.2")
         assert "past its stop_timeout of 0.05s" in message
         assert "could not be cut off" in message
+
+
+@pytest.mark.parametrize("delay", [0, 1, 2, 3])
+async def test_a_failure_racing_a_long_running_start_never_loses_the_service(
+    delay: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Whichever way the race goes, the service is cancelled while starting or started and
+    rolled back, never cancelled while it counts as running."""
+    for _ in range(4):
+        lc = Lifecycle()
+        go, ready = anyio.Event(), anyio.Event()
+        body: list[str] = []
+
+        @lc.service
+        async def failing() -> AsyncIterator[str]:
+            await go.wait()  # noqa: B023 - runs within this iteration
+            raise RuntimeError("boom")
+            yield "never"  # pragma: no cover
+
+        @lc.service
+        async def svc(*, task_status: TaskStatus[str]) -> None:
+            await ready.wait()  # noqa: B023
+            task_status.started("svc")
+            try:
+                await anyio.sleep_forever()
+            finally:
+                body.append(lc.service_state("svc").value)  # noqa: B023
+
+        async def release(go: anyio.Event = go, ready: anyio.Event = ready) -> None:
+            await go.wait()
+            for _ in range(delay):
+                await anyio.lowlevel.checkpoint()
+            ready.set()
+
+        caplog.clear()
+        with anyio.fail_after(5):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(release)
+                go.set()
+                with pytest.raises(StartupError) as info:
+                    async with lc.run():
+                        pytest.fail("startup should not complete")
+                ready.set()
+        error = info.value
+        assert ("svc" in error.cancelled) != ("svc" in error.rolled_back), error
+        # Cut while starting (perhaps after it called started()), or stopped by the rollback.
+        if "svc" in error.rolled_back:
+            assert body == ["stopping"], (body, error)
+        else:
+            assert body in ([], ["starting"]), (body, error)
+        assert "returned while running" not in caplog.text
+
+
+@pytest.mark.parametrize("delay", [0, 1, 2])
+async def test_no_start_begins_once_a_sibling_has_failed(delay: int) -> None:
+    for _ in range(4):
+        lc = Lifecycle()
+        go = anyio.Event()
+        seen: list[ServiceState] = []
+
+        @lc.service
+        async def failing() -> AsyncIterator[str]:
+            await go.wait()  # noqa: B023 - runs within this iteration
+            raise RuntimeError("boom")
+            yield "never"  # pragma: no cover
+
+        @lc.service
+        async def first() -> AsyncIterator[str]:
+            await go.wait()  # noqa: B023
+            for _ in range(delay):
+                await anyio.lowlevel.checkpoint()
+            yield "first"
+
+        @lc.service
+        async def second(first: str) -> AsyncIterator[str]:
+            seen.append(lc.service_state("failing"))  # noqa: B023
+            yield "second"
+
+        async def trigger(go: anyio.Event = go) -> None:
+            await anyio.sleep(0.01)
+            go.set()
+
+        with anyio.fail_after(5):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(trigger)
+                with pytest.raises(StartupError):
+                    async with lc.run():
+                        pytest.fail("startup should not complete")
+        assert ServiceState.FAILED not in seen
