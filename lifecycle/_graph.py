@@ -1219,6 +1219,10 @@ class _Run:
         self.aborted_by_budget = False  # rather than by a failed start or from outside
         self.starters_alive = 0
         self.starters_done = anyio.Event()
+        # Set by `start`: where hosts and starters run, and the scope a failed start cancels.
+        self.hosts: TaskGroup
+        self.starters: TaskGroup
+        self.abort: anyio.CancelScope
         self.startup_deadline = math.inf
         self.shutdown_deadline = math.inf
         self.started_ok = False
@@ -1259,12 +1263,12 @@ class _Run:
                     watcher.start_soon(self._abort_starts_when_cancelled)
                     with anyio.CancelScope(shield=True):
                         async with anyio.create_task_group() as starters:
+                            self.hosts, self.starters, self.abort = task_group, starters, abort
                             # Services with no dependencies start at once; each of the others
                             # is launched by the start of the last of its dependencies.
                             for name, count in self.waiting_for.items():
                                 if count == 0:
-                                    record = self.records[name]
-                                    self._spawn_starter(record, task_group, starters, abort)
+                                    self._spawn_starter(self.records[name])
                             if self.starters_alive == 0:
                                 self.starters_done.set()
             # A cancellation from outside that arrived while the starters were shielded
@@ -1340,23 +1344,11 @@ class _Run:
                 for scope in self.starting.values():
                     scope.cancel()
 
-    def _spawn_starter(
-        self,
-        record: _Record,
-        task_group: TaskGroup,
-        starters: TaskGroup,
-        abort: anyio.CancelScope,
-    ) -> None:
+    def _spawn_starter(self, record: _Record) -> None:
         self.starters_alive += 1
-        starters.start_soon(self._starter, record, task_group, starters, abort)
+        self.starters.start_soon(self._starter, record)
 
-    async def _starter(
-        self,
-        record: _Record,
-        task_group: TaskGroup,
-        starters: TaskGroup,
-        abort: anyio.CancelScope,
-    ) -> None:
+    async def _starter(self, record: _Record) -> None:
         """Start ``record``'s service, then the dependents that this start made ready.
 
         The first such dependent starts in this same task (a chain costs one starter task,
@@ -1372,14 +1364,14 @@ class _Run:
                 record.state = ServiceState.STARTING
                 record.start_began = self.now()
                 try:
-                    record.value = await task_group.start(self._host, record)
+                    record.value = await self.hosts.start(self._host, record)
                 except _StartAborted:
                     return  # left STARTING: reported as cancelled (or as out of budget)
                 except Exception as exc:
                     record.error = exc
                     self._fail_start(record)
                     self.aborting = True  # at once: no other starter may begin a start now
-                    abort.cancel()
+                    self.abort.cancel()
                     return
                 for name in self.plan.dependents[record.service.name]:
                     self.waiting_for[name] -= 1
@@ -1388,7 +1380,7 @@ class _Run:
                     if next_record is None:
                         next_record = self.records[name]
                     else:
-                        self._spawn_starter(self.records[name], task_group, starters, abort)
+                        self._spawn_starter(self.records[name])
         finally:
             self.starters_alive -= 1
             if self.starters_alive == 0:

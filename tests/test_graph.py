@@ -1169,6 +1169,16 @@ async def test_a_cleanup_that_shields_itself_past_its_deadline_is_reported() -> 
         assert "could not be cut off" in message
 
 
+def fails_once_set(lc: Lifecycle, go: anyio.Event) -> None:
+    """Declare a service ``failing`` whose start raises once ``go`` is set."""
+
+    @lc.service
+    async def failing() -> AsyncIterator[str]:
+        await go.wait()
+        raise RuntimeError("boom")
+        yield "never"  # pragma: no cover
+
+
 @pytest.mark.parametrize("delay", [0, 1, 2, 3])
 async def test_a_failure_racing_a_long_running_start_never_loses_the_service(
     delay: int, caplog: pytest.LogCaptureFixture
@@ -1180,11 +1190,7 @@ async def test_a_failure_racing_a_long_running_start_never_loses_the_service(
         go, ready = anyio.Event(), anyio.Event()
         body: list[str] = []
 
-        @lc.service
-        async def failing() -> AsyncIterator[str]:
-            await go.wait()  # noqa: B023 - runs within this iteration
-            raise RuntimeError("boom")
-            yield "never"  # pragma: no cover
+        fails_once_set(lc, go)
 
         @lc.service
         async def svc(*, task_status: TaskStatus[str]) -> None:
@@ -1227,11 +1233,7 @@ async def test_no_start_begins_once_a_sibling_has_failed(delay: int) -> None:
         go = anyio.Event()
         seen: list[ServiceState] = []
 
-        @lc.service
-        async def failing() -> AsyncIterator[str]:
-            await go.wait()  # noqa: B023 - runs within this iteration
-            raise RuntimeError("boom")
-            yield "never"  # pragma: no cover
+        fails_once_set(lc, go)
 
         @lc.service
         async def first() -> AsyncIterator[str]:
