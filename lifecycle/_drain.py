@@ -17,8 +17,10 @@ same drain can be begun by an authenticated HTTP call (`drain_endpoint`), for a 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import signal
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -38,16 +40,20 @@ Handler = Callable[[int, FrameType | None], Any] | int | None
 
 
 def _loop_scheduler() -> Callable[[Callable[[], None]], None]:
-    """A way to run a callback on the event loop from a signal handler, safely."""
-    import sniffio
+    """A way to run a callback on the event loop from a signal handler, safely.
 
-    if sniffio.current_async_library() == "trio":
-        import trio
-
-        token = trio.lowlevel.current_trio_token()
-        return token.run_sync_soon
-    import asyncio
-
+    Asks trio only when trio is already imported (it is, whenever a trio loop runs), so that
+    the core install needs neither trio nor sniffio.
+    """
+    trio = sys.modules.get("trio")
+    if trio is not None:
+        try:
+            token = trio.lowlevel.current_trio_token()
+        except RuntimeError:
+            pass  # trio is imported, but this loop is asyncio's
+        else:
+            run_sync_soon: Callable[[Callable[[], None]], None] = token.run_sync_soon
+            return run_sync_soon
     loop = asyncio.get_running_loop()
 
     def schedule(callback: Callable[[], None]) -> None:
