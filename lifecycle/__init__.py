@@ -20,10 +20,10 @@ from .exceptions import ServiceNotRunning as ServiceNotRunning
 from .exceptions import ShutdownError as ShutdownError
 from .exceptions import StartupError as StartupError
 
-# -- service graph (lifecycle/_graph.py) --------------------------------------------------
-from ._graph import Lifecycle as Lifecycle
-from ._graph import Service as Service
-from ._graph import Services as Services
+# -- service graph (lifecycle/_kernel.py, lifecycle/_lifecycle.py) -----------------------
+from ._lifecycle import Lifecycle as Lifecycle
+from ._kernel import Service as Service
+from ._kernel import Services as Services
 from ._timeline import LifecycleState as LifecycleState
 from ._timeline import ServiceState as ServiceState
 from ._timeline import Timeline as Timeline

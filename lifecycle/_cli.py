@@ -17,7 +17,8 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from ._graph import Lifecycle, Service
+from ._kernel import Service
+from ._lifecycle import Lifecycle
 from .exceptions import GraphError
 
 __all__ = ["main", "render_graph"]
@@ -191,7 +192,7 @@ def _tree(services: list[Service[Any]], title: str) -> str:
         text = service.name
         if param is not None and param != service.name:
             text += f" (as {param})"
-        if service._internal:
+        if service.internal:
             text += "  [internal]"
         return text
 
@@ -222,13 +223,13 @@ def _mermaid(services: list[Service[Any]], title: str) -> str:
     ]
     for service in services:
         text = _mermaid_text(service.name)
-        shape = f'[["{text}"]]' if service._internal else f'["{text}"]'
+        shape = f'[["{text}"]]' if service.internal else f'["{text}"]'
         lines.append(f"    {ids[service.name]}{shape}")
     for service in services:
         for target, param in _edges(service):
             via = "" if param == target else f"|{param}|"
             lines.append(f"    {ids[service.name]} -->{via} {ids[target]}")
-    internal = [ids[s.name] for s in services if s._internal]
+    internal = [ids[s.name] for s in services if s.internal]
     if internal:
         lines.append("    classDef internal stroke-dasharray: 4 4")
         lines.append(f"    class {','.join(internal)} internal")
@@ -252,7 +253,7 @@ def _dot(services: list[Service[Any]], title: str) -> str:
         "    node [shape=box];",
     ]
     for service in services:
-        style = " [style=dashed]" if service._internal else ""
+        style = " [style=dashed]" if service.internal else ""
         lines.append(f"    {quote(service.name)}{style};")
     for service in services:
         for target, param in _edges(service):

@@ -25,14 +25,14 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from types import FrameType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import anyio
 
-if TYPE_CHECKING:
-    from ._graph import Lifecycle
+from ._kernel import Kernel
+from ._validate import seconds
 
-__all__ = ["SignalDrain"]
+__all__ = ["Drain", "SignalDrain"]
 
 logger = logging.getLogger("lifecycle.drain")
 
@@ -62,25 +62,65 @@ def _loop_scheduler() -> Callable[[Callable[[], None]], None]:
     return schedule
 
 
+class Drain:
+    """Whether the app is draining: from the drain's start until the next run starts.
+
+    The health extension fails readiness while it drains. With a positive ``delay`` the drain
+    is begun by the first SIGTERM or SIGINT (`SignalDrain`); it can always be begun by a call
+    (`begin`), as the ``/drain`` preStop hook does. It watches its kernel's runs (through
+    `Kernel.observers`) to reset itself when the next run starts.
+
+    Attributes:
+        delay: Seconds to keep serving between the signal and the server's own shutdown.
+        draining: Whether the drain has begun in the current run.
+        began: When it began (``time.monotonic()``), or ``None``.
+    """
+
+    def __init__(self, kernel: Kernel, *, delay: float) -> None:
+        self.delay = seconds("drain_delay", delay, zero=True)
+        self.draining = False
+        self.began: float | None = None
+        kernel.observers.add(self)
+        if self.delay > 0:
+            SignalDrain(kernel, self)
+
+    def __repr__(self) -> str:
+        return f"<Drain delay={self.delay}s draining={self.draining}>"
+
+    def run_starting(self, kernel: Kernel) -> None:
+        """Observer hook: a new run starts undrained."""
+        self.draining = False
+        self.began = None
+
+    def begin(self) -> None:
+        """Begin the drain (once a run): from now on readiness fails, while liveness holds."""
+        if not self.draining:
+            self.draining = True
+            # time.monotonic, not the loop's clock: this runs from signal callbacks too, where
+            # no task is current and anyio cannot tell which event loop is running.
+            self.began = time.monotonic()
+            logger.info("Drain begun: readiness now fails.", extra={"phase": "drain"})
+
+
 class SignalDrain:
-    """The signal side of the drain protocol; an internal service of its `Lifecycle`."""
+    """The signal side of the drain protocol; an internal service of its kernel."""
 
     def __init__(
         self,
-        lifecycle: Lifecycle,
+        kernel: Kernel,
+        drain: Drain,
         *,
-        delay: float,
         signals: Sequence[signal.Signals] = (signal.SIGTERM, signal.SIGINT),
     ) -> None:
-        self.lifecycle = lifecycle
-        self.delay = delay
+        self.drain = drain
+        self.delay = drain.delay
         self.signals = tuple(signals)
         self._first: tuple[int, FrameType | None] | None = None
         self._forwarded = False
         self._previous: dict[int, Handler] = {}
         self._requested: anyio.Event | None = None
         self._skip: anyio.Event | None = None
-        lifecycle._declare_internal(self._serve, name="drain:signals")
+        kernel.declare(self._serve, name="drain:signals", internal=True)
 
     async def _serve(self) -> AsyncIterator[SignalDrain]:
         if threading.current_thread() is not threading.main_thread():
@@ -120,7 +160,7 @@ class SignalDrain:
             self._forward(signum, frame)  # the server's own second-signal behaviour
         elif self._first is None:
             self._first = (signum, frame)
-            self.lifecycle.begin_drain()
+            self.drain.begin()
             logger.info(
                 "%s received: draining for %.1fs before the server shuts down",
                 signal.Signals(signum).name,
@@ -137,7 +177,7 @@ class SignalDrain:
             self._skip.set()
 
     def _remaining(self) -> float:
-        began = self.lifecycle.drain_began
+        began = self.drain.began
         if began is None:
             return self.delay
         return max(0.0, began + self.delay - time.monotonic())

@@ -34,17 +34,17 @@ import math
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
 import anyio
 from anyio.abc import TaskStatus
 
-from ._timeline import LifecycleState, ServiceState
+from ._drain import Drain
+from ._kernel import TASK_STATUS, Kernel, Service, parameters
+from ._observe import TaskObserver, task_observer
+from ._timeline import LifecycleState
+from ._validate import count, describe, seconds
 from .exceptions import GraphError
-
-if TYPE_CHECKING:
-    from ._graph import Lifecycle, Service
-    from ._observe import TaskObserver
 
 __all__ = [
     "HEALTH_JSON",
@@ -72,7 +72,6 @@ _LIFECYCLE: Final = "lifecycle"
 _EVENT_LOOP: Final = "event_loop"
 _PREFIX: Final = "health:"  # names of the internal services running checks
 _VALUE: Final = "value"  # the parameter through which a service's own check gets its value
-_TASK_STATUS: Final = "task_status"
 
 
 class HealthStatus(enum.Enum):
@@ -313,12 +312,12 @@ class HealthCheck:
                 f"@lc.health_check(name=...)."
             )
         self.name = name
-        self.interval = _seconds(f"interval of health check {name!r}", interval)
-        self.timeout = _seconds(f"timeout of health check {name!r}", timeout)
-        self.failure_threshold = _count(
+        self.interval = seconds(f"interval of health check {name!r}", interval)
+        self.timeout = seconds(f"timeout of health check {name!r}", timeout)
+        self.failure_threshold = count(
             f"failure_threshold of health check {name!r}", failure_threshold
         )
-        self.success_threshold = _count(
+        self.success_threshold = count(
             f"success_threshold of health check {name!r}", success_threshold
         )
         self.critical = bool(critical)
@@ -328,26 +327,20 @@ class HealthCheck:
         self._of_service = _of_service
         self._observer: TaskObserver | None = None
         if _of_service is not None:
-            params = [_VALUE]
-            targets: dict[str, Service[Any] | str] = {_VALUE: _of_service}
+            targets = {_VALUE: _of_service.name}
         else:
-            params = _check_parameters(fn, name)
-            targets = {p: p for p in params}
-            for key, target in (depends or {}).items():
-                if key not in targets:
-                    raise GraphError(
-                        f"Health check {name!r} maps depends={{{key!r}: ...}}, but {key!r} is "
-                        f"not a parameter of {getattr(fn, '__qualname__', fn)!r}; its "
-                        f"parameters are {sorted(params)!r}."
-                    )
-                targets[key] = target
-        self.services = tuple(t if isinstance(t, str) else t.name for t in targets.values())
+            targets = parameters(
+                monitor.kernel, fn, kind="Health check", name=name, depends=depends
+            )
+        params = list(targets)
+        self.services = tuple(targets.values())
         monitor._check_free(name, "health check")
-        self.service = monitor._lifecycle._declare_internal(
+        self.service = monitor.kernel.declare(
             _check_service(self._serve, params),
             name=_PREFIX + name,
             depends=targets,
             stop_timeout=self.timeout,
+            internal=True,
         )
         monitor._claim(name, "health check")
         monitor._checks[name] = self
@@ -376,15 +369,15 @@ class HealthCheck:
 
     async def _serve(self, deps: dict[str, Any], task_status: TaskStatus[HealthCheck]) -> None:
         self._reset()
-        observer = self._monitor._lifecycle._observer  # tracing, when enabled: a span per run
-        self._observer = observer.health_check(self) if observer is not None else None
+        # Tracing, when enabled: a span per run.
+        self._observer = task_observer(self._monitor.kernel, "health_check", self)
         async with anyio.create_task_group() as task_group:
             task_group.start_soon(self._loop, deps)
             # Startup waits for the first result, so that readiness means something as soon
             # as startup completes; but never long enough to make a slow dependency fail the
             # startup: at most the check's timeout and half of what is left of the budget.
             wait = self.timeout
-            startup_timeout = self._monitor._lifecycle.startup_timeout
+            startup_timeout = self._monitor.kernel.startup_timeout
             if startup_timeout is not None:
                 wait = min(wait, startup_timeout / 2)
             deadline = anyio.current_effective_deadline()
@@ -417,7 +410,7 @@ class HealthCheck:
                         value = await value
                     outcome = _as_result(value, f"health check {self.name!r}")
             except Exception as exc:
-                outcome = CheckResult(HealthStatus.FAIL, _describe(exc))
+                outcome = CheckResult(HealthStatus.FAIL, describe(exc))
             finally:
                 done.set()
 
@@ -543,34 +536,6 @@ class HealthCheck:
         )
 
 
-def _check_parameters(fn: Callable[..., Any], name: str) -> list[str]:
-    """The names of ``fn``'s parameters, each of which receives a service's value."""
-    try:
-        signature = inspect.signature(fn)
-    except (TypeError, ValueError) as exc:
-        raise TypeError(f"Cannot read the parameters of health check {name!r}: {exc}") from None
-    params = []
-    for param in signature.parameters.values():
-        if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
-            stars = "*" if param.kind is param.VAR_POSITIONAL else "**"
-            raise GraphError(
-                f"Health check {name!r} takes {stars}{param.name}; every parameter must name "
-                f"one service, so remove it."
-            )
-        if param.kind is param.POSITIONAL_ONLY:
-            raise GraphError(
-                f"Health check {name!r} takes {param.name!r} as positional-only; services are "
-                f"passed by keyword, so remove the '/'."
-            )
-        if param.name == _TASK_STATUS:
-            raise GraphError(
-                f"Health check {name!r} takes task_status; a check is not a service: return "
-                f"(or raise) its result instead."
-            )
-        params.append(param.name)
-    return params
-
-
 def _check_service(
     serve: Callable[[dict[str, Any], TaskStatus[Any]], Awaitable[None]], params: list[str]
 ) -> Callable[..., Awaitable[None]]:
@@ -581,7 +546,7 @@ def _check_service(
 
     keyword = inspect.Parameter.KEYWORD_ONLY
     service.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
-        [inspect.Parameter(p, keyword) for p in params] + [inspect.Parameter(_TASK_STATUS, keyword)]
+        [inspect.Parameter(p, keyword) for p in params] + [inspect.Parameter(TASK_STATUS, keyword)]
     )
     return service
 
@@ -607,11 +572,11 @@ class _Component:
                     "The status function of health component %r raised %s; it is reported "
                     "failing until it answers.",
                     self.name,
-                    _describe(exc),
+                    describe(exc),
                     exc_info=exc,
                     extra={"check": self.name, "phase": "health"},
                 )
-            result = CheckResult(HealthStatus.FAIL, f"Its status function raised {_describe(exc)}")
+            result = CheckResult(HealthStatus.FAIL, f"Its status function raised {describe(exc)}")
         else:
             monitor._broken.discard(self.name)
         return ComponentHealth(
@@ -658,14 +623,15 @@ class HealthMonitor:
     Change the options with `configure`, which checks them.
     """
 
-    def __init__(self, lifecycle: Lifecycle) -> None:
-        if lifecycle.state in _ACTIVE:
+    def __init__(self, kernel: Kernel, drain: Drain | None = None) -> None:
+        if kernel.state in _ACTIVE:
             raise RuntimeError(
-                f"lc.health was first used while the Lifecycle is {lifecycle.state.value}; "
+                f"lc.health was first used while the Lifecycle is {kernel.state.value}; "
                 f"set up health (checks, health= services, health routes) before it starts, "
                 f"next to the services, so that its watchdog runs in the app's task group."
             )
-        self._lifecycle = lifecycle
+        self.kernel = kernel
+        self._drain = drain
         self._checks: dict[str, HealthCheck] = {}
         self._components: dict[str, _Component] = {}
         self._names: dict[str, str] = {
@@ -680,7 +646,7 @@ class HealthMonitor:
         self.lag_recovery = 10.0
         self.probe_budget: float | None = 30.0
         self._reset_watchdog()
-        self.service = lifecycle._declare_internal(self._watch, name=_PREFIX + _EVENT_LOOP)
+        self.service = kernel.declare(self._watch, name=_PREFIX + _EVENT_LOOP, internal=True)
 
     def __repr__(self) -> str:
         return (
@@ -719,10 +685,10 @@ class HealthMonitor:
             TypeError: An option is not a number.
             ValueError: An option is out of range.
         """
-        if self._lifecycle.state in _ACTIVE:
+        if self.kernel.state in _ACTIVE:
             raise RuntimeError(
                 f"Cannot configure health while the Lifecycle is "
-                f"{self._lifecycle.state.value}; call lc.health.configure() before it starts."
+                f"{self.kernel.state.value}; call lc.health.configure() before it starts."
             )
         interval = self.watchdog_interval
         warn, fail, recovery, budget = (
@@ -732,15 +698,15 @@ class HealthMonitor:
             self.probe_budget,
         )
         if not isinstance(watchdog_interval, _Unset):
-            interval = _seconds("watchdog_interval", watchdog_interval)
+            interval = seconds("watchdog_interval", watchdog_interval)
         if not isinstance(lag_warn, _Unset):
-            warn = None if lag_warn is None else _seconds("lag_warn", lag_warn)
+            warn = None if lag_warn is None else seconds("lag_warn", lag_warn)
         if not isinstance(lag_fail, _Unset):
-            fail = _seconds("lag_fail", lag_fail)
+            fail = seconds("lag_fail", lag_fail)
         if not isinstance(lag_recovery, _Unset):
-            recovery = _seconds("lag_recovery", lag_recovery)
+            recovery = seconds("lag_recovery", lag_recovery)
         if not isinstance(probe_budget, _Unset):
-            budget = None if probe_budget is None else _seconds("probe_budget", probe_budget)
+            budget = None if probe_budget is None else seconds("probe_budget", probe_budget)
         if warn is not None and warn >= fail:
             raise ValueError(
                 f"lag_warn ({warn}s) must be below lag_fail ({fail}s): a lag warns before it "
@@ -806,7 +772,7 @@ class HealthMonitor:
         self._check_free(name, kind)
         self._names[name] = f"a {kind}"
 
-    def _add_service_check(self, service: Service[Any]) -> HealthCheck:
+    def add_service_check(self, service: Service[Any]) -> HealthCheck:
         """Run the ``health=`` function of ``service`` as a check named after the service."""
         assert service.health is not None
         return HealthCheck(self, service.health, name=service.name, _of_service=service)
@@ -820,7 +786,7 @@ class HealthMonitor:
 
     def startup(self) -> HealthReport:
         """Whether startup has finished: every service started and has not stopped yet."""
-        state = self._lifecycle.state
+        state = self.kernel.state
         if state in (LifecycleState.RUNNING, LifecycleState.STOPPING):
             entry = _STARTED
         else:
@@ -878,25 +844,16 @@ class HealthMonitor:
         return report
 
     def _lifecycle_entry(self) -> ComponentHealth:
-        lifecycle = self._lifecycle
-        state = lifecycle.state
+        state = self.kernel.state
         if state is not LifecycleState.RUNNING:
             return _lifecycle_failing(f"The Lifecycle is {state.value}.")
-        if lifecycle.draining:
+        if self._drain is not None and self._drain.draining:
             return _DRAINING
-        run = lifecycle._run
-        if run is not None:
-            for record in run.records.values():
-                if record.state is ServiceState.FAILED:
-                    return _lifecycle_failing(
-                        "Crashed while running: "
-                        + ", ".join(
-                            repr(name)
-                            for name, other in run.records.items()
-                            if other.state is ServiceState.FAILED
-                        )
-                        + "; see the logs."
-                    )
+        crashed = self.kernel.crashed()
+        if crashed:
+            return _lifecycle_failing(
+                "Crashed while running: " + ", ".join(map(repr, crashed)) + "; see the logs."
+            )
         return _RUNNING
 
     # -- the event-loop watchdog and the start-up guard rails ----------------------------------
@@ -1078,22 +1035,3 @@ def _as_result(value: object, what: str) -> CheckResult:
 
 
 _PASSED: Final = CheckResult(HealthStatus.PASS)
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
-def _seconds(what: str, value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"{what} must be a number of seconds, not {value!r}.")
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{what} must be a positive, finite number of seconds, not {value!r}.")
-    return float(value)
-
-
-def _count(what: str, value: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{what} must be a whole number >= 1, not {value!r}.")
-    return value

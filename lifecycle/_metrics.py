@@ -22,7 +22,8 @@ from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from . import _deadline
-from ._observe import JobObserver, Observer, attach, check_attachable, detach
+from ._kernel import Observer
+from ._observe import JobObserver, attach, check_attachable, detach
 from ._timeline import LifecycleState, ServiceState, Timeline
 
 if TYPE_CHECKING:
@@ -31,8 +32,8 @@ if TYPE_CHECKING:
 
     from ._admission import ConcurrencyLimitMiddleware
     from ._deadline import DeadlineMiddleware
-    from ._graph import Lifecycle
     from ._health import HealthMonitor
+    from ._lifecycle import Lifecycle
     from ._workers import BackgroundTask, PeriodicJob, WorkerPool
 
 __all__ = ["DEFAULT_BUCKETS", "LifecycleMetrics", "instrument_metrics"]
@@ -240,7 +241,7 @@ class LifecycleMetrics:
         for job in observer.periodic.values():
             _collect_periodic(families, job)
         # Read without creating it: lc.health would declare a monitor on first use.
-        monitor = lifecycle._health_monitor
+        monitor = lifecycle.health_monitor
         if monitor is not None:
             _collect_health(families, monitor)
         deadlines, admissions = self._middleware()

@@ -1,30 +1,42 @@
-"""The observer hook through which metrics and tracing watch a `Lifecycle`.
+"""What metrics and tracing use to watch the extensions' work, beside the kernel's `Observer`.
 
-The core calls an `Observer` at each step of a run (startup, each service's start and stop,
-shutdown) and asks it, when a worker pool, supervised task or periodic job starts, for a
-per-component observer (`JobObserver`, `TaskObserver`). With nothing attached every hook site
-costs one ``is not None`` test; the per-job hooks of a worker pool are the only ones on a hot
-path, so they stay few and take plain floats.
+The kernel calls each attached `lifecycle._kernel.Observer` at each step of a run. The
+extensions ask the same observers, through `Observers.collect`, for a per-component observer
+when a worker pool (``worker_pool``), supervised task (``background_task``), periodic job
+(``periodic_job``) or health check (``health_check``) starts: a `JobObserver` or a
+`TaskObserver`. With nothing attached every hook site costs one truth test; the per-job hooks
+of a worker pool are the only ones on a hot path, so they stay few and take plain floats.
 
-`lifecycle._metrics` and `lifecycle._tracing` implement observers and `attach` them; several
-attached observers are called in turn through a fan-out.
+Like the kernel's, these observers are isolated: one that raises is logged and left out from
+then on, and the job or run it watched goes on.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Awaitable, Coroutine, Iterator, Mapping
+import logging
+from collections.abc import Awaitable, Coroutine, Iterator
 from contextlib import AbstractContextManager
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
-if TYPE_CHECKING:
-    from ._graph import Lifecycle, Service
-    from ._health import HealthCheck
-    from ._workers import BackgroundTask, PeriodicJob, WorkerPool
+from ._kernel import Kernel, Observer
+from ._timeline import LifecycleState
+from ._validate import describe
 
-__all__ = ["JobObserver", "Observer", "TaskObserver", "attach", "detach"]
+__all__ = [
+    "JobObserver",
+    "TaskObserver",
+    "attach",
+    "attached",
+    "check_attachable",
+    "detach",
+    "job_observer",
+    "task_observer",
+]
 
 R = TypeVar("R")
+
+logger = logging.getLogger("lifecycle.observers")
 
 
 class JobObserver:
@@ -59,67 +71,6 @@ class TaskObserver:
         return contextlib.nullcontext()
 
 
-class Observer:
-    """Watches the runs of a `Lifecycle`; every method is a no-op unless overridden.
-
-    Each service's ``service_*`` calls but `service_ready` happen in that service's host task,
-    so an observer may set context variables in ``service_starting`` and reset them in
-    ``service_started`` or ``service_start_failed`` (likewise from ``service_stopping`` to
-    ``service_stopped``). Tasks the service spawns meanwhile copy those variables and keep
-    them after the host task resets its own.
-    """
-
-    def run_starting(self, lifecycle: Lifecycle) -> None:
-        """Startup begins (the graph is valid)."""
-
-    def run_started(self, lifecycle: Lifecycle, error: BaseException | None) -> None:
-        """Startup ended: every service runs (``error`` is ``None``) or it was rolled back."""
-
-    def run_stopping(self, lifecycle: Lifecycle) -> None:
-        """Shutdown (or a startup's rollback) begins."""
-
-    def run_stopped(self, lifecycle: Lifecycle, errors: Mapping[str, BaseException]) -> None:
-        """Shutdown ended; ``errors`` holds the cleanups that failed, by service."""
-
-    def service_starting(self, service: Service[Any]) -> None:
-        """A service's start begins (its dependencies are running)."""
-
-    def service_ready(self, service: Service[Any]) -> None:
-        """A long-running service called ``task_status.started()``, in the task it called it in.
-
-        Its host task calls `service_started` only once it resumes, while the service's own
-        task runs on meanwhile: this is the first moment the service is known to run.
-        """
-
-    def service_started(self, service: Service[Any]) -> None:
-        """A service started and is running."""
-
-    def service_start_failed(self, service: Service[Any], error: BaseException) -> None:
-        """A service's start raised, timed out or was cancelled."""
-
-    def service_stopping(self, service: Service[Any]) -> None:
-        """A service's cleanup begins."""
-
-    def service_stopped(self, service: Service[Any], error: BaseException | None) -> None:
-        """A service's cleanup ended, cleanly (``error`` is ``None``) or not."""
-
-    def worker_pool(self, pool: WorkerPool[Any, Any]) -> JobObserver | None:
-        """A worker pool starts; return what watches its jobs, if anything."""
-        return None
-
-    def background_task(self, task: BackgroundTask) -> TaskObserver | None:
-        """A supervised background task starts; return what watches it, if anything."""
-        return None
-
-    def periodic_job(self, job: PeriodicJob) -> TaskObserver | None:
-        """A periodic job starts; return what watches its runs, if anything."""
-        return None
-
-    def health_check(self, check: HealthCheck) -> TaskObserver | None:
-        """A health check's loop starts; return what watches its runs, if anything."""
-        return None
-
-
 # -- attaching ----------------------------------------------------------------------------
 
 
@@ -136,10 +87,7 @@ def check_attachable(
 
     Shared by `instrument_metrics` (``what="metrics"``) and `instrument_tracing`.
     """
-    from ._graph import Lifecycle
-    from ._timeline import LifecycleState
-
-    if not isinstance(lifecycle, Lifecycle):
+    if not isinstance(lifecycle, Kernel):
         raise TypeError(f"{api}() {verb} a Lifecycle, not {lifecycle!r}.")
     if lifecycle.state in (
         LifecycleState.STARTING,
@@ -158,129 +106,99 @@ def check_attachable(
         )
 
 
-def attach(lifecycle: Lifecycle, observer: Observer) -> None:
-    """Attach ``observer`` to ``lifecycle``, beside any observer already attached."""
-    current = lifecycle._observer
-    if current is None:
-        lifecycle._observer = observer
-    elif isinstance(current, _Fanout):
-        lifecycle._observer = _Fanout([*current.observers, observer])
-    else:
-        lifecycle._observer = _Fanout([current, observer])
+def attach(kernel: Kernel, observer: Observer) -> None:
+    """Attach ``observer`` to ``kernel``, after any observer already attached."""
+    kernel.observers.add(observer)
 
 
-def detach(lifecycle: Lifecycle, observer: Observer) -> None:
-    """Detach ``observer`` from ``lifecycle`` (a no-op if it is not attached)."""
-    current = lifecycle._observer
-    if current is observer:
-        lifecycle._observer = None
-    elif isinstance(current, _Fanout) and observer in current.observers:
-        rest = [o for o in current.observers if o is not observer]
-        lifecycle._observer = rest[0] if len(rest) == 1 else _Fanout(rest)
+def detach(kernel: Kernel, observer: Observer) -> None:
+    """Detach ``observer`` from ``kernel`` (a no-op if it is not attached)."""
+    kernel.observers.remove(observer)
 
 
-def attached(lifecycle: Lifecycle) -> Iterator[Observer]:
-    """The observers attached to ``lifecycle``."""
-    current = lifecycle._observer
-    if isinstance(current, _Fanout):
-        yield from current.observers
-    elif current is not None:
-        yield current
+def attached(kernel: Kernel) -> Iterator[Any]:
+    """The observers attached to ``kernel``."""
+    return iter(kernel.observers)
 
 
-class _Fanout(Observer):
-    """Several observers, called in the order they were attached."""
+def job_observer(kernel: Kernel, component: object) -> JobObserver | None:
+    """What watches the jobs of the worker pool ``component``, or ``None``."""
+    if not kernel.observers:
+        return None
+    found = kernel.observers.collect("worker_pool", component)
+    return _JobFanout(found) if found else None
 
-    def __init__(self, observers: list[Observer]) -> None:
-        self.observers = observers
 
-    def run_starting(self, lifecycle: Lifecycle) -> None:
-        for observer in self.observers:
-            observer.run_starting(lifecycle)
+def task_observer(kernel: Kernel, hook: str, component: object) -> TaskObserver | None:
+    """What watches the runs of ``component``, asked of each observer by ``hook``, or ``None``."""
+    if not kernel.observers:
+        return None
+    found = kernel.observers.collect(hook, component)
+    return _TaskFanout(found) if found else None
 
-    def run_started(self, lifecycle: Lifecycle, error: BaseException | None) -> None:
-        for observer in self.observers:
-            observer.run_started(lifecycle, error)
 
-    def run_stopping(self, lifecycle: Lifecycle) -> None:
-        for observer in self.observers:
-            observer.run_stopping(lifecycle)
-
-    def run_stopped(self, lifecycle: Lifecycle, errors: Mapping[str, BaseException]) -> None:
-        for observer in self.observers:
-            observer.run_stopped(lifecycle, errors)
-
-    def service_starting(self, service: Service[Any]) -> None:
-        for observer in self.observers:
-            observer.service_starting(service)
-
-    def service_ready(self, service: Service[Any]) -> None:
-        for observer in self.observers:
-            observer.service_ready(service)
-
-    def service_started(self, service: Service[Any]) -> None:
-        for observer in self.observers:
-            observer.service_started(service)
-
-    def service_start_failed(self, service: Service[Any], error: BaseException) -> None:
-        for observer in self.observers:
-            observer.service_start_failed(service, error)
-
-    def service_stopping(self, service: Service[Any]) -> None:
-        for observer in self.observers:
-            observer.service_stopping(service)
-
-    def service_stopped(self, service: Service[Any], error: BaseException | None) -> None:
-        for observer in self.observers:
-            observer.service_stopped(service, error)
-
-    def worker_pool(self, pool: WorkerPool[Any, Any]) -> JobObserver | None:
-        found = [o for o in (obs.worker_pool(pool) for obs in self.observers) if o is not None]
-        return found[0] if len(found) == 1 else _JobFanout(found) if found else None
-
-    def background_task(self, task: BackgroundTask) -> TaskObserver | None:
-        found = [o for o in (obs.background_task(task) for obs in self.observers) if o is not None]
-        return found[0] if len(found) == 1 else _TaskFanout(found) if found else None
-
-    def periodic_job(self, job: PeriodicJob) -> TaskObserver | None:
-        found = [o for o in (obs.periodic_job(job) for obs in self.observers) if o is not None]
-        return found[0] if len(found) == 1 else _TaskFanout(found) if found else None
-
-    def health_check(self, check: HealthCheck) -> TaskObserver | None:
-        found = [o for o in (obs.health_check(check) for obs in self.observers) if o is not None]
-        return found[0] if len(found) == 1 else _TaskFanout(found) if found else None
+def _left_out(observers: list[Any], observer: object, hook: str, exc: Exception) -> None:
+    observers[:] = [o for o in observers if o is not observer]
+    logger.error(
+        "Observer %r raised %s from %s(); it is left out from now on, and what it watched "
+        "goes on unobserved.",
+        observer,
+        describe(exc),
+        hook,
+        exc_info=exc,
+        extra={"phase": "observe"},
+    )
 
 
 class _JobFanout(JobObserver):
+    """The job observers of one pool, called in turn; one that raises is left out."""
+
     def __init__(self, observers: list[JobObserver]) -> None:
         self.observers = observers
 
     def started(self, waited: float) -> None:
-        for observer in self.observers:
-            observer.started(waited)
+        for observer in tuple(self.observers):
+            try:
+                observer.started(waited)
+            except Exception as exc:
+                _left_out(self.observers, observer, "started", exc)
 
     def finished(self, waited: float, ran: float) -> None:
-        for observer in self.observers:
-            observer.finished(waited, ran)
+        for observer in tuple(self.observers):
+            try:
+                observer.finished(waited, ran)
+            except Exception as exc:
+                _left_out(self.observers, observer, "finished", exc)
 
     def wrap(self, payload: Any, job: Coroutine[Any, Any, R]) -> Coroutine[Any, Any, R]:
-        for observer in self.observers:
-            job = observer.wrap(payload, job)
+        for observer in tuple(self.observers):
+            try:
+                job = observer.wrap(payload, job)
+            except Exception as exc:
+                _left_out(self.observers, observer, "wrap", exc)
         return job
 
 
 class _TaskFanout(TaskObserver):
+    """The observers of one task, job or check, called in turn; one that raises is left out."""
+
     def __init__(self, observers: list[TaskObserver]) -> None:
         self.observers = observers
 
     def wrap(self, run: Awaitable[R]) -> Awaitable[R]:
-        for observer in self.observers:
-            run = observer.wrap(run)
+        for observer in tuple(self.observers):
+            try:
+                run = observer.wrap(run)
+            except Exception as exc:
+                _left_out(self.observers, observer, "wrap", exc)
         return run
 
     @contextlib.contextmanager
     def restarting(self, restart: int, delay: float, error: str | None) -> Iterator[object]:
         with contextlib.ExitStack() as stack:
-            for observer in self.observers:
-                stack.enter_context(observer.restarting(restart, delay, error))
+            for observer in tuple(self.observers):
+                try:
+                    stack.enter_context(observer.restarting(restart, delay, error))
+                except Exception as exc:
+                    _left_out(self.observers, observer, "restarting", exc)
             yield None

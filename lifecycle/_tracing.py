@@ -35,9 +35,9 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import anyio
 
 from . import _deadline
+from ._kernel import Kernel, Observer
 from ._observe import (
     JobObserver,
-    Observer,
     TaskObserver,
     attach,
     check_attachable,
@@ -57,8 +57,9 @@ if TYPE_CHECKING:
     )
     from opentelemetry.util.types import AnyValue, Attributes
 
-    from ._graph import Lifecycle, Service
     from ._health import HealthCheck
+    from ._kernel import Service
+    from ._lifecycle import Lifecycle
     from ._workers import BackgroundTask, PeriodicJob, WorkerPool
 
 __all__ = ["TRACER_NAME", "LifecycleTracing", "instrument_tracing"]
@@ -289,7 +290,7 @@ class _TracingObserver(Observer):
 
     # -- startup and shutdown ----------------------------------------------------------------
 
-    def run_starting(self, lifecycle: Lifecycle) -> None:
+    def run_starting(self, lifecycle: Kernel) -> None:
         self.starts.clear()
         self.stops.clear()
         self.phases.clear()
@@ -298,7 +299,7 @@ class _TracingObserver(Observer):
             "lifecycle startup", attributes={"lifecycle.services": len(lifecycle.declared)}
         )
 
-    def run_started(self, lifecycle: Lifecycle, error: BaseException | None) -> None:
+    def run_started(self, lifecycle: Kernel, error: BaseException | None) -> None:
         if self.startup is None:
             return
         if error is not None:
@@ -306,7 +307,7 @@ class _TracingObserver(Observer):
         self.startup.end()
         self.startup = None
 
-    def run_stopping(self, lifecycle: Lifecycle) -> None:
+    def run_stopping(self, lifecycle: Kernel) -> None:
         from opentelemetry.trace import set_span_in_context
 
         self.dependents = {name: [] for name in lifecycle.declared}
@@ -319,7 +320,7 @@ class _TracingObserver(Observer):
             "lifecycle shutdown" if parent is None else "lifecycle rollback", context=parent
         )
 
-    def run_stopped(self, lifecycle: Lifecycle, errors: Mapping[str, BaseException]) -> None:
+    def run_stopped(self, lifecycle: Kernel, errors: Mapping[str, BaseException]) -> None:
         from opentelemetry.trace import Status, StatusCode
 
         if self.shutdown is None:
@@ -374,7 +375,7 @@ class _TracingObserver(Observer):
             f"{phase} {service.name}",
             context=set_span_in_context(parent) if parent is not None else None,
             links=[Link(link) for link in links],
-            attributes={"lifecycle.service": service.name, "lifecycle.internal": service._internal},
+            attributes={"lifecycle.service": service.name, "lifecycle.internal": service.internal},
         )
         current = self.phases.get(service.name)
         if current is None:

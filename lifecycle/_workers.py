@@ -24,7 +24,7 @@ import types
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Generator, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
+from typing import Any, Generic, Literal, TypeVar
 
 import anyio
 import anyio.lowlevel
@@ -33,13 +33,12 @@ import anyio.to_thread
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from ._deadline import _current as _request_deadline
-from ._health import CheckResult, HealthStatus
+from ._health import CheckResult, HealthMonitor, HealthStatus
+from ._kernel import Kernel, Service, parameters
+from ._observe import JobObserver, TaskObserver, job_observer, task_observer
 from ._toolkit import _backoff_ceiling
-from .exceptions import GraphError, JobAbandoned, PoolClosed, QueueFull
-
-if TYPE_CHECKING:
-    from ._graph import Lifecycle, Service
-    from ._observe import JobObserver, TaskObserver
+from ._validate import count, seconds
+from .exceptions import JobAbandoned, PoolClosed, QueueFull
 
 __all__ = [
     "BackgroundStatistics",
@@ -63,50 +62,6 @@ _STOPPED = "the app has stopped"
 # At most this much of the pool's stop deadline is kept for jobs cancelled at the end of
 # the drain to unwind (a tenth of the time left, when that is less).
 _UNWIND_MARGIN = 1.0
-
-
-def _check_positive(what: str, value: float | None, *, allow_none: bool = True) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"{what} must be a number, not {value!r}.")
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{what} must be a positive, finite number, not {value!r}.")
-
-
-def _check_count(what: str, value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{what} must be a positive integer, not {value!r}.")
-
-
-def _dependencies(
-    fn: Callable[..., Any], kind: str, skip_first: bool
-) -> tuple[list[str], str | None]:
-    """The names of ``fn``'s service parameters (and of its first, job parameter)."""
-    parameters = list(inspect.signature(fn).parameters.values())
-    job_param = None
-    if skip_first:
-        if not parameters or parameters[0].kind in (
-            inspect.Parameter.VAR_POSITIONAL,
-            inspect.Parameter.VAR_KEYWORD,
-            inspect.Parameter.KEYWORD_ONLY,
-        ):
-            raise GraphError(
-                f"The {kind} {getattr(fn, '__qualname__', fn)!r} must take the job as its "
-                f"first positional parameter; its other parameters are services."
-            )
-        job_param = parameters[0].name
-        parameters = parameters[1:]
-    names = []
-    for param in parameters:
-        if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD, param.POSITIONAL_ONLY):
-            raise GraphError(
-                f"The {kind} {getattr(fn, '__qualname__', fn)!r} takes {param.name!r} in a "
-                f"form that cannot receive a service; use plain parameters named after "
-                f"services (or map them with depends=)."
-            )
-        names.append(param.name)
-    return names, job_param
 
 
 def _service_function(
@@ -271,7 +226,7 @@ class WorkerPool(Generic[J, R]):
 
     def __init__(
         self,
-        lifecycle: Lifecycle,
+        lifecycle: Kernel,
         handler: Callable[..., Any],
         *,
         name: str,
@@ -285,16 +240,19 @@ class WorkerPool(Generic[J, R]):
         on_abandoned: Callable[[J, str], object] | None,
         depends: Mapping[str, Service[Any] | str] | None,
     ) -> None:
-        _check_count("concurrency", concurrency)
-        _check_count("queue_size", queue_size)
+        count("concurrency", concurrency)
+        count("queue_size", queue_size)
         if overflow not in ("wait", "reject"):
             raise ValueError(
                 f"overflow must be 'wait' (block until there is room) or 'reject' (raise "
                 f"QueueFull), not {overflow!r}."
             )
-        _check_positive("drain_timeout", drain_timeout)
-        _check_positive("job_timeout", job_timeout)
-        params, _ = _dependencies(handler, "worker handler", skip_first=True)
+        seconds("drain_timeout", drain_timeout, optional=True)
+        seconds("job_timeout", job_timeout, optional=True)
+        targets = parameters(
+            lifecycle, handler, kind="Worker handler", name=name, depends=depends, job=True
+        )
+        params = list(targets)
         is_async = inspect.iscoroutinefunction(handler)
         if cpu_bound and (is_async or params):
             raise TypeError(
@@ -332,11 +290,12 @@ class WorkerPool(Generic[J, R]):
         self._observer: JobObserver | None = None
         self._reset_counters()
         stop_timeout = None if drain_timeout is None else drain_timeout + 5.0
-        self.service = lifecycle._declare_internal(
+        self.service = lifecycle.declare(
             _service_function(self._serve, params),
             name=f"worker:{name}",
-            depends={p: (depends or {}).get(p, p) for p in params},
+            depends=targets,
             stop_timeout=stop_timeout,
+            internal=True,
         )
 
     def __repr__(self) -> str:
@@ -464,8 +423,7 @@ class WorkerPool(Generic[J, R]):
         self._reset_counters()
         self._closed_reason = _NOT_STARTED  # not the "stopped" a previous run left
         self._cut_off = "the drain_timeout ran out"
-        observer = self.service.lifecycle._observer
-        self._observer = observer.worker_pool(self) if observer is not None else None
+        self._observer = job_observer(self.service.lifecycle, self)
         self._deps = deps
         self._limiter = anyio.CapacityLimiter(self.concurrency) if not self._is_async else None
         send, receive = anyio.create_memory_object_stream[_Job](self.queue_size)
@@ -750,7 +708,8 @@ class BackgroundTask:
 
     def __init__(
         self,
-        lifecycle: Lifecycle,
+        lifecycle: Kernel,
+        health: HealthMonitor,
         fn: Callable[..., Awaitable[Any]],
         *,
         name: str,
@@ -774,15 +733,15 @@ class BackgroundTask:
             )
         if isinstance(max_restarts, bool) or not isinstance(max_restarts, int) or max_restarts < 0:
             raise ValueError(f"max_restarts must be an integer >= 0, not {max_restarts!r}.")
-        _check_positive("within", within, allow_none=False)
-        _check_positive("backoff_base", backoff_base, allow_none=False)
-        _check_positive("backoff_max", backoff_max, allow_none=False)
+        seconds("within", within)
+        seconds("backoff_base", backoff_base)
+        seconds("backoff_max", backoff_max)
         if backoff_max < backoff_base:
             raise ValueError(
                 f"Background task {name!r}: backoff_max={backoff_max!r} is below "
                 f"backoff_base={backoff_base!r}; raise backoff_max or lower backoff_base."
             )
-        params, _ = _dependencies(fn, "background task", skip_first=False)
+        targets = parameters(lifecycle, fn, kind="Background task", name=name, depends=depends)
         self.name = name
         self.fn = fn
         self.restart = restart
@@ -793,15 +752,16 @@ class BackgroundTask:
         self.on_give_up = on_give_up
         self._observer: TaskObserver | None = None  # metrics and tracing (_observe.py)
         self._reset()
-        self.service = lifecycle._declare_internal(
-            _service_function(self._serve, params),
+        self.service = lifecycle.declare(
+            _service_function(self._serve, list(targets)),
             name=f"background:{name}",
-            depends={p: (depends or {}).get(p, p) for p in params},
+            depends=targets,
             stop_timeout=stop_timeout,
+            internal=True,
         )
         # Readiness (and, with on_give_up="fail_health", liveness) reflect the supervisor:
         # warn while it backs off, fail once it has given up.
-        lifecycle.health.register_component(
+        health.register_component(
             f"background:{name}",
             self._health,
             affects_readiness=True,
@@ -847,8 +807,7 @@ class BackgroundTask:
 
     async def _serve(self, deps: dict[str, Any]) -> AsyncIterator[BackgroundTask]:
         self._reset()
-        observer = self.service.lifecycle._observer
-        self._observer = observer.background_task(self) if observer is not None else None
+        self._observer = task_observer(self.service.lifecycle, "background_task", self)
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._supervise, deps)
             yield self
@@ -977,7 +936,7 @@ class PeriodicJob:
 
     def __init__(
         self,
-        lifecycle: Lifecycle,
+        lifecycle: Kernel,
         fn: Callable[..., Awaitable[Any]],
         *,
         name: str,
@@ -990,17 +949,12 @@ class PeriodicJob:
     ) -> None:
         if not inspect.iscoroutinefunction(fn):
             raise TypeError(f"@lc.periodic needs an async function; {name!r} is not one.")
-        _check_positive("every", every, allow_none=False)
-        if (
-            isinstance(jitter, bool)
-            or not isinstance(jitter, int | float)
-            or not (0 <= jitter < math.inf)
-        ):
-            raise ValueError(f"jitter must be a number of seconds >= 0, not {jitter!r}.")
-        _check_positive("timeout", timeout)
+        seconds("every", every)
+        seconds("jitter", jitter, zero=True)
+        seconds("timeout", timeout, optional=True)
         if first_run not in ("now", "after_period"):
             raise ValueError(f"first_run must be 'now' or 'after_period', not {first_run!r}.")
-        params, _ = _dependencies(fn, "periodic job", skip_first=False)
+        targets = parameters(lifecycle, fn, kind="Periodic job", name=name, depends=depends)
         self.name = name
         self.fn = fn
         self.every = every
@@ -1009,11 +963,12 @@ class PeriodicJob:
         self.first_run = first_run
         self._observer: TaskObserver | None = None  # metrics and tracing (_observe.py)
         self._reset()
-        self.service = lifecycle._declare_internal(
-            _service_function(self._serve, params),
+        self.service = lifecycle.declare(
+            _service_function(self._serve, list(targets)),
             name=f"periodic:{name}",
-            depends={p: (depends or {}).get(p, p) for p in params},
+            depends=targets,
             stop_timeout=stop_timeout,
+            internal=True,
         )
 
     def __repr__(self) -> str:
@@ -1031,8 +986,7 @@ class PeriodicJob:
 
     async def _serve(self, deps: dict[str, Any]) -> AsyncIterator[PeriodicJob]:
         self._reset()
-        observer = self.service.lifecycle._observer
-        self._observer = observer.periodic_job(self) if observer is not None else None
+        self._observer = task_observer(self.service.lifecycle, "periodic_job", self)
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._loop, deps)
             yield self

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
-from ._graph import Service
+from ._kernel import Service
 
 __all__ = ["provide", "request_timeout"]
 
@@ -58,8 +58,8 @@ from collections.abc import Mapping  # noqa: E402
 import fastapi  # noqa: E402
 from starlette.requests import Request  # noqa: E402
 
-from ._graph import Lifecycle  # noqa: E402
 from ._health import HealthStatus  # noqa: E402
+from ._lifecycle import Lifecycle  # noqa: E402
 from .starlette import health_routes  # noqa: E402
 
 __all__ += ["health_router"]

@@ -19,7 +19,7 @@ from starlette.routing import Route
 from .exceptions import PoolClosed, QueueFull
 
 if TYPE_CHECKING:
-    from ._graph import Lifecycle
+    from ._lifecycle import Lifecycle
 
 __all__ = ["drain_route", "exception_handlers"]
 

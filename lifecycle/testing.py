@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING, Any
 import anyio
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ._graph import Lifecycle, Service
+from ._kernel import Service
+from ._lifecycle import Lifecycle
 
 if TYPE_CHECKING:
     import httpx
@@ -230,14 +231,14 @@ def inject_faults(lifecycle: Lifecycle) -> Iterator[Faults]:
     Yields:
         A `Faults` on which to declare the faults (before or during a run).
     """
-    if lifecycle._hooks is not None:
+    if lifecycle.hooks is not None:
         raise RuntimeError("Faults are already being injected into this Lifecycle.")
     faults = Faults(lifecycle)
-    lifecycle._hooks = faults
+    lifecycle.hooks = faults
     try:
         yield faults
     finally:
-        lifecycle._hooks = None
+        lifecycle.hooks = None
 
 
 def assert_started_before(

@@ -130,7 +130,7 @@ def test_drain_delay_must_be_a_finite_number_of_seconds() -> None:
     with pytest.raises(ValueError, match="drain_delay must be a finite number"):
         Lifecycle(drain_delay=math.inf)
     for bad in (None, "5", True):
-        with pytest.raises(TypeError, match=r"drain_delay must be a number of seconds \(0 for"):
+        with pytest.raises(TypeError, match="drain_delay must be a number of seconds, not"):
             Lifecycle(drain_delay=bad)  # type: ignore[arg-type]
 
 

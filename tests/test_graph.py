@@ -119,7 +119,7 @@ def test_duplicate_name_is_a_graph_error() -> None:
         ("async def svc():\n    return 1", TypeError, "without task_status"),
         ("async def svc(*, task_status):\n    yield 1", TypeError, "use one form"),
         ("async def svc(*deps):\n    yield 1", GraphError, r"takes \*deps"),
-        ("async def svc(**deps):\n    yield 1", GraphError, r"takes \*deps"),
+        ("async def svc(**deps):\n    yield 1", GraphError, r"takes \*\*deps"),
         ("async def svc(db, /):\n    yield 1", GraphError, "positional-only"),
     ],
 )

@@ -262,7 +262,7 @@ async def test_no_health_metrics_and_no_monitor_unless_health_is_used() -> None:
         text = generate_latest(registry).decode()
     assert "lifecycle_health" not in text
     assert "lifecycle_event_loop_lag_seconds" not in text
-    assert lc._health_monitor is None  # scraping did not create one
+    assert lc.health_monitor is None  # scraping did not create one
 
 
 # -- deadline and admission middleware ----------------------------------------------------
@@ -466,7 +466,7 @@ async def test_instrument_refuses_what_it_cannot_do() -> None:
         instrument_metrics(Lifecycle(), registry=registry)
 
     metrics.close()  # unregisters and detaches: enabling again works
-    assert lc._observer is None
+    assert metrics._observer not in lc.observers
     assert "lifecycle_state" not in generate_latest(registry).decode()
     instrument_metrics(lc, registry=registry).close()
 
@@ -484,7 +484,7 @@ async def test_a_refused_registration_leaves_nothing_behind() -> None:
         with pytest.raises(ValueError, match="its own CollectorRegistry"):
             instrument_metrics(refused, registry=registry)
     assert _deadline._observers == observers  # no budget observer of a refused collector
-    assert refused._observer is None
+    assert not any(isinstance(o, type(metrics._observer)) for o in refused.observers)
     metrics.close()
     assert len(_deadline._observers) == len(observers) - 1
 
@@ -497,11 +497,12 @@ async def test_closing_twice_does_nothing_the_second_time() -> None:
     metrics.close()
     again = instrument_metrics(lc, registry=registry)
     metrics.close()  # an old handle leaves the new collector alone
-    assert lc._observer is again._observer
+    assert metrics._observer not in lc.observers
+    assert again._observer in lc.observers
     assert "lifecycle_state" in generate_latest(registry).decode()
     again.close()
     again.close()
-    assert lc._observer is None
+    assert again._observer not in lc.observers
     assert "lifecycle_state" not in generate_latest(registry).decode()
 
 

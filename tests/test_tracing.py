@@ -539,7 +539,8 @@ async def test_metrics_and_tracing_together(spans: Spans) -> None:
         in generate_latest(registry).decode()
     )
     metrics.close()
-    assert lc._observer is None
+    assert metrics._observer not in lc.observers
+    assert tracing._observer not in lc.observers
 
 
 async def test_instrument_tracing_refuses_what_it_cannot_do(spans: Spans) -> None:

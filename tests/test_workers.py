@@ -515,7 +515,7 @@ def test_bad_pool_options_are_rejected() -> None:
     async def handle(job: int) -> None:
         pass
 
-    with pytest.raises(ValueError, match="concurrency must be a positive integer"):
+    with pytest.raises(ValueError, match="concurrency must be a whole number >= 1, not 0"):
         lc.worker(handle, concurrency=0)
     with pytest.raises(ValueError, match="overflow must be 'wait'"):
         lc.worker(handle, overflow="drop")  # type: ignore[arg-type]

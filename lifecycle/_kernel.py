@@ -1,66 +1,71 @@
-"""The service graph: declaring services, validating the graph, starting and stopping it.
+"""The kernel: services, their plan, the run, and the observers that watch it.
 
-A `Lifecycle` holds service declarations. `Lifecycle.run` validates the graph, then starts
-every service in its own *host* task inside one task group through ``TaskGroup.start``: a
-service starts the moment the services it depends on are running, and independent services
-start concurrently. Each host drives its service from start to cleanup in the same task (so a
-service may hold cancel scopes or task groups across its ``yield``), and waits, shielded, until
-shutdown asks it to stop; it then waits for every service that depends on it to finish
-stopping before it runs its own cleanup. Shutdown therefore runs in reverse dependency order,
-with independent cleanups running concurrently, each under ``CancelScope(shield=True)`` and its
-own deadline.
+The kernel knows services and nothing else. A `Kernel` holds service declarations;
+`Kernel.run` validates the graph, then starts every service in its own *host* task inside one
+task group through ``TaskGroup.start``: a service starts the moment the services it depends
+on are running, and independent services start concurrently. Each host drives its service
+from start to cleanup in the same task (so a service may hold cancel scopes or task groups
+across its ``yield``), and waits, shielded, until shutdown asks it to stop; it then waits for
+every service that depends on it to finish stopping before it runs its own cleanup. Shutdown
+therefore runs in reverse dependency order, with independent cleanups running concurrently,
+each under ``CancelScope(shield=True)`` and its own deadline.
+
+Extensions (worker pools, health, the drain) are built on one seam, all of it public on
+`Kernel`: `Kernel.declare` with ``internal=True`` declares a service of theirs,
+`Kernel.observers` watches runs (an `Observer` that raises is logged and detached, never
+failing a service), `Kernel.crashed` names the services that crashed while running, and
+`Kernel.hooks` is where the test kit injects faults. `parameters` is the one parser of a
+function's parameters into the services they receive, for every kind of declaration. The
+`lifecycle.Lifecycle` facade, which users see, composes the extensions on top.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import difflib
 import enum
 import inspect
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
-from typing import (
-    TYPE_CHECKING,
-    Any,
-    Concatenate,
-    Generic,
-    Literal,
-    Protocol,
-    TypeVar,
-    cast,
-    overload,
-)
+from typing import Any, Generic, Protocol, TypeVar, cast, overload
 
 import anyio
 import anyio.lowlevel
 from anyio.abc import TaskGroup, TaskStatus
 
 from ._timeline import LifecycleState, ServiceState, Timeline, TimelineEntry
+from ._validate import describe, seconds
 from .exceptions import GraphError, ServiceNotRunning, ShutdownError, StartupError
 
-if TYPE_CHECKING:
-    from ._observe import Observer
-    from ._workers import BackgroundTask, PeriodicJob, WorkerPool
-
-__all__ = ["Lifecycle", "Service", "Services"]
+__all__ = [
+    "TASK_STATUS",
+    "Hooks",
+    "Kernel",
+    "Observer",
+    "Observers",
+    "Service",
+    "ServiceForm",
+    "Services",
+    "parameters",
+]
 
 T = TypeVar("T")
-J = TypeVar("J")
-R = TypeVar("R")
 T_co = TypeVar("T_co", covariant=True)
 AppT = TypeVar("AppT")
 
 logger = logging.getLogger("lifecycle.services")
 
-_TASK_STATUS = "task_status"
+TASK_STATUS = "task_status"
+"""The keyword through which a long-running service reports that it started."""
 
 
-class _Form(enum.Enum):
+class ServiceForm(enum.Enum):
+    """The two kinds of service function."""
+
     GENERATOR = "async generator"  # yields its value once; code after the yield is cleanup
     TASK = "long-running task"  # calls task_status.started(value); cancelled at stop
 
@@ -82,43 +87,29 @@ class Service(Generic[T_co]):
         stop_timeout: Seconds its cleanup may take, or ``None`` for no limit of its own.
         health: The service's own health check (``health=`` of `Lifecycle.service`), or
             ``None``.
+        internal: Declared by lifecycle itself (a worker pool, a health checker): it runs in
+            the graph like any service but is left out of the values handed to the app.
     """
 
     name: str
     fn: Callable[..., Any] = field(repr=False)
-    lifecycle: Lifecycle = field(repr=False)
+    lifecycle: Kernel = field(repr=False)
     depends: Mapping[str, str]
     start_timeout: float | None
     stop_timeout: float | None
-    _form: _Form = field(repr=False)
+    form: ServiceForm = field(repr=False)
     health: Callable[..., Any] | None = field(default=None, repr=False)
-    # Declared by lifecycle itself (a worker pool, a health checker): it runs in the graph
-    # like any service but is left out of the values handed to the app.
-    _internal: bool = field(default=False, repr=False)
+    internal: bool = field(default=False, repr=False)
 
 
-class _Hooks(Protocol):
-    """Fault injection points used by `lifecycle.testing`."""
+class Hooks(Protocol):
+    """Fault injection points, set as `Kernel.hooks` by `lifecycle.testing.inject_faults`."""
 
-    async def before_start(self, service: str) -> None: ...
+    async def before_start(self, service: str) -> None:
+        """Awaited in the service's host task just before its function is called."""
 
-    async def after_stop(self, service: str) -> None: ...
-
-
-class _ServiceDecorator(Protocol):
-    @overload
-    def __call__(self, fn: Callable[..., AsyncIterator[T]], /) -> Service[T]: ...
-
-    @overload
-    def __call__(self, fn: Callable[..., Awaitable[None]], /) -> Service[Any]: ...
-
-
-class _WorkerDecorator(Protocol):
-    @overload
-    def __call__(self, fn: Callable[Concatenate[J, ...], Awaitable[R]], /) -> WorkerPool[J, R]: ...
-
-    @overload
-    def __call__(self, fn: Callable[Concatenate[J, ...], R], /) -> WorkerPool[J, R]: ...
+    async def after_stop(self, service: str) -> None:
+        """Awaited in the service's host task just after its cleanup ran cleanly."""
 
 
 class Services(Mapping[str, Any]):
@@ -151,19 +142,157 @@ class Services(Mapping[str, Any]):
         return f"Services({sorted(self._values)!r})"
 
 
-class Lifecycle:
-    """Declares an app's services and governs their life: start, run, stop.
+# -- observers ----------------------------------------------------------------------------
 
-    Use `service` to declare services, then hand `lifespan` to Starlette or FastAPI
-    (``FastAPI(lifespan=lc.lifespan)``), or use `run` directly in scripts and tests.
+
+class Observer:
+    """Watches the runs of a `Kernel`; every method is a no-op unless overridden.
+
+    Each service's ``service_*`` calls but `service_ready` happen in that service's host task,
+    so an observer may set context variables in ``service_starting`` and reset them in
+    ``service_started`` or ``service_start_failed`` (likewise from ``service_stopping`` to
+    ``service_stopped``). Tasks the service spawns meanwhile copy those variables and keep
+    them after the host task resets its own.
+
+    Extensions ask observers for more through `Observers.collect`: an observer that also has
+    a method named as the extension asks (``worker_pool``, ``health_check``...) is asked.
+    """
+
+    def run_starting(self, kernel: Kernel) -> None:
+        """Startup begins (the graph is valid)."""
+
+    def run_started(self, kernel: Kernel, error: BaseException | None) -> None:
+        """Startup ended: every service runs (``error`` is ``None``) or it was rolled back."""
+
+    def run_stopping(self, kernel: Kernel) -> None:
+        """Shutdown (or a startup's rollback) begins."""
+
+    def run_stopped(self, kernel: Kernel, errors: Mapping[str, BaseException]) -> None:
+        """Shutdown ended; ``errors`` holds the cleanups that failed, by service."""
+
+    def service_starting(self, service: Service[Any]) -> None:
+        """A service's start begins (its dependencies are running)."""
+
+    def service_ready(self, service: Service[Any]) -> None:
+        """A long-running service called ``task_status.started()``, in the task it called it in.
+
+        Its host task calls `service_started` only once it resumes, while the service's own
+        task runs on meanwhile: this is the first moment the service is known to run.
+        """
+
+    def service_started(self, service: Service[Any]) -> None:
+        """A service started and is running."""
+
+    def service_start_failed(self, service: Service[Any], error: BaseException) -> None:
+        """A service's start raised, timed out or was cancelled."""
+
+    def service_stopping(self, service: Service[Any]) -> None:
+        """A service's cleanup begins."""
+
+    def service_stopped(self, service: Service[Any], error: BaseException | None) -> None:
+        """A service's cleanup ended, cleanly (``error`` is ``None``) or not."""
+
+
+_observer_logger = logging.getLogger("lifecycle.observers")
+
+
+class Observers:
+    """The observers attached to one `Kernel`, called in the order they were attached.
+
+    Observers are instruments: one that raises is logged with its traceback and detached, and
+    the service it was watching goes on as if it had not been watched. With none attached,
+    each place that would call them costs one truth test (``if kernel.observers:``).
+    """
+
+    def __init__(self) -> None:
+        self._attached: list[Any] = []
+
+    def __bool__(self) -> bool:
+        return bool(self._attached)
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(tuple(self._attached))
+
+    def __contains__(self, observer: object) -> bool:
+        return any(o is observer for o in self._attached)
+
+    def __repr__(self) -> str:
+        return f"<Observers {self._attached!r}>"
+
+    def add(self, observer: Any) -> None:
+        """Attach ``observer``, after those attached already.
+
+        Raises:
+            ValueError: It is attached already.
+        """
+        if observer in self:
+            raise ValueError(f"{observer!r} is already attached; attach an observer once.")
+        self._attached.append(observer)
+
+    def remove(self, observer: Any) -> None:
+        """Detach ``observer`` (nothing happens if it is not attached)."""
+        self._attached = [o for o in self._attached if o is not observer]
+
+    def call(self, hook: str, /, *args: Any) -> None:
+        """Call method ``hook`` of every observer that has it, isolating each from the others."""
+        for observer in tuple(self._attached):
+            method = getattr(observer, hook, None)
+            if method is None:
+                continue
+            try:
+                method(*args)
+            except Exception as exc:
+                self.failed(observer, hook, exc)
+
+    def collect(self, hook: str, /, *args: Any) -> list[Any]:
+        """Call ``hook`` like `call`, and return what the calls returned, ``None`` left out.
+
+        This is how an extension asks each observer for a per-component observer (a worker
+        pool asks ``worker_pool(pool)``).
+        """
+        found = []
+        for observer in tuple(self._attached):
+            method = getattr(observer, hook, None)
+            if method is None:
+                continue
+            try:
+                result = method(*args)
+            except Exception as exc:
+                self.failed(observer, hook, exc)
+            else:
+                if result is not None:
+                    found.append(result)
+        return found
+
+    def failed(self, observer: Any, hook: str, exc: Exception) -> None:
+        """Log that ``observer`` raised from ``hook`` and detach it (idempotent)."""
+        attached = observer in self
+        self.remove(observer)
+        _observer_logger.error(
+            "Observer %r raised %s from %s()%s; what it watched goes on unobserved.",
+            observer,
+            describe(exc),
+            hook,
+            "; it is detached" if attached else "",
+            exc_info=exc,
+            extra={"phase": "observe"},
+        )
+
+
+# -- the kernel -----------------------------------------------------------------------------
+
+
+class Kernel:
+    """Declares services and governs their life: start, run, stop.
+
+    `lifecycle.Lifecycle` is the kernel with the extensions composed on top; use that. The
+    kernel's own public names beyond the documented `Lifecycle` API are its seam to
+    extensions: `declare`, `observers`, `crashed` and `hooks`.
 
     Args:
         startup_timeout: Seconds all of startup may take, or ``None`` for no limit.
         shutdown_timeout: Seconds all of shutdown (or a rollback) may take, or ``None`` for no
             limit. Every cleanup's own deadline is cut to fit in it.
-        drain_delay: Seconds to keep serving, with readiness failing, between the first
-            SIGTERM/SIGINT and the server's own graceful shutdown (see the README's "Graceful
-            drain"). ``0`` (the default) leaves signals to the server alone.
     """
 
     def __init__(
@@ -171,49 +300,27 @@ class Lifecycle:
         *,
         startup_timeout: float | None = 30.0,
         shutdown_timeout: float | None = 30.0,
-        drain_delay: float = 0.0,
     ) -> None:
-        self.startup_timeout = _check_timeout("startup_timeout", startup_timeout)
-        self.shutdown_timeout = _check_timeout("shutdown_timeout", shutdown_timeout)
-        if isinstance(drain_delay, bool) or not isinstance(drain_delay, int | float):
-            raise TypeError(
-                f"drain_delay must be a number of seconds (0 for no drain), not {drain_delay!r}."
-            )
-        if not math.isfinite(drain_delay) or drain_delay < 0:
-            raise ValueError(
-                f"drain_delay must be a finite number of seconds >= 0, not {drain_delay!r}."
-            )
-        self.drain_delay = float(drain_delay)
+        self.startup_timeout = seconds("startup_timeout", startup_timeout, optional=True)
+        self.shutdown_timeout = seconds("shutdown_timeout", shutdown_timeout, optional=True)
         self._services: dict[str, Service[Any]] = {}
         self._state = LifecycleState.IDLE
         self._run: _Run | None = None
         self._graph_error: GraphError | None = None  # of the last run, refused unstarted
         self._state_changed: anyio.Event | None = None
-        self._hooks: _Hooks | None = None
-        # Metrics and tracing (lifecycle/_observe.py) watch runs through this; None when off.
-        self._observer: Observer | None = None
-        self._draining = False
-        self._drain_began: float | None = None
-        if self.drain_delay > 0:
-            from ._drain import SignalDrain
-
-            SignalDrain(self, delay=self.drain_delay)
+        self.hooks: Hooks | None = None
+        """Fault injection (`lifecycle.testing.inject_faults` sets it); ``None`` otherwise."""
+        self.observers = Observers()
+        """What watches this kernel's runs: metrics, tracing, extensions' bookkeeping."""
 
     def __repr__(self) -> str:
-        return f"<Lifecycle {self._state.value} services={list(self._services)!r}>"
+        return f"<{type(self).__name__} {self._state.value} services={list(self._services)!r}>"
 
-    # -- declaring ------------------------------------------------------------------------
+    # -- declaring (the seam) -------------------------------------------------------------
 
-    @overload
-    def service(self, fn: Callable[..., AsyncIterator[T]], /) -> Service[T]: ...
-
-    @overload
-    def service(self, fn: Callable[..., Awaitable[None]], /) -> Service[Any]: ...
-
-    @overload
-    def service(
+    def declare(
         self,
-        fn: None = None,
+        fn: Callable[..., Any],
         /,
         *,
         name: str | None = None,
@@ -221,82 +328,34 @@ class Lifecycle:
         start_timeout: float | None = None,
         stop_timeout: float | None = None,
         health: Callable[..., Any] | None = None,
-    ) -> _ServiceDecorator: ...
+        internal: bool = False,
+    ) -> Service[Any]:
+        """Declare the service ``fn`` runs; `Lifecycle.service` is the decorator over this.
 
-    def service(
-        self,
-        fn: Callable[..., Any] | None = None,
-        /,
-        *,
-        name: str | None = None,
-        depends: Mapping[str, Service[Any] | str] | None = None,
-        start_timeout: float | None = None,
-        stop_timeout: float | None = None,
-        health: Callable[..., Any] | None = None,
-    ) -> Service[Any] | _ServiceDecorator:
-        """Declare a service; use as ``@lc.service`` or ``@lc.service(...)``.
-
-        A service is either an async generator function that yields its value once (the code
-        after the ``yield`` is its cleanup, run shielded from cancellation under its
-        ``stop_timeout``), or a long-running async function taking a keyword ``task_status``
-        that calls ``task_status.started(value)`` once ready and is cancelled at stop.
-
-        Every other parameter is a dependency: it receives the value of the service named
-        after it, or of the service ``depends`` maps it to.
-
-        Args:
-            fn: The service function (when used without parentheses).
-            name: The service's name; defaults to the function's name.
-            depends: Maps parameter names to the `Service` (or service name) whose value they
-                receive, for parameters not named after their service.
-            start_timeout: Seconds the start may take, or ``None`` for no limit of its own.
-            stop_timeout: Seconds the cleanup may take, or ``None`` for no limit of its own.
-            health: The service's own health check, run in the background while the service
-                runs (see `health_check`).
-
-        Returns:
-            The declared `Service` (or, with arguments only, a decorator returning it).
+        Extensions declare their own services with ``internal=True``: those run in the graph
+        like any other, but are left out of the values handed to the app.
 
         Raises:
             GraphError: The name is taken, or the parameters cannot be wired.
             TypeError: ``fn`` is neither of the two supported kinds of function.
             ValueError: A timeout is not a positive number of seconds.
+            RuntimeError: The kernel is running.
         """
-        start_timeout = _check_timeout("start_timeout", start_timeout)
-        stop_timeout = _check_timeout("stop_timeout", stop_timeout)
-
-        def decorate(fn: Callable[..., Any]) -> Service[Any]:
-            service = _declare(self, fn, name, depends, start_timeout, stop_timeout)
-            if health is not None:
-                service = dataclasses.replace(service, health=health)
-            service = self._add(service)
-            if health is not None:
-                self.health._add_service_check(service)  # runs it in the background
-            return service
-
-        if fn is not None:
-            return decorate(fn)
-        return cast(_ServiceDecorator, decorate)
-
-    def _declare_internal(
-        self,
-        fn: Callable[..., Any],
-        *,
-        name: str,
-        depends: Mapping[str, Service[Any] | str] | None = None,
-        start_timeout: float | None = None,
-        stop_timeout: float | None = None,
-    ) -> Service[Any]:
-        """Declare a service of lifecycle's own (a pool, a checker), hidden from the app."""
-        service = _declare(self, fn, name, depends, start_timeout, stop_timeout)
-        return self._add(dataclasses.replace(service, _internal=True))
-
-    def _add(self, service: Service[Any]) -> Service[Any]:
-        if self._state in (
-            LifecycleState.STARTING,
-            LifecycleState.RUNNING,
-            LifecycleState.STOPPING,
-        ):
+        start_timeout = seconds("start_timeout", start_timeout, optional=True)
+        stop_timeout = seconds("stop_timeout", stop_timeout, optional=True)
+        name, form = _service_form(fn, name)
+        service: Service[Any] = Service(
+            name=name,
+            fn=fn,
+            lifecycle=self,
+            depends=parameters(self, fn, kind="Service", name=name, depends=depends),
+            start_timeout=start_timeout,
+            stop_timeout=stop_timeout,
+            form=form,
+            health=health,
+            internal=internal,
+        )
+        if self._state in _ACTIVE:
             raise RuntimeError(
                 f"Cannot declare {service.name!r} while the Lifecycle is {self._state.value}; "
                 f"declare every service before it starts."
@@ -308,6 +367,16 @@ class Lifecycle:
             )
         self._services[service.name] = service
         return service
+
+    def crashed(self) -> dict[str, BaseException]:
+        """The services of the current run that crashed while running, with their errors."""
+        if self._run is None:
+            return {}
+        return {
+            name: record.crash
+            for name, record in self._run.records.items()
+            if record.crash is not None
+        }
 
     # -- validating -----------------------------------------------------------------------
 
@@ -480,428 +549,6 @@ class Lifecycle:
                 self._state_changed = anyio.Event()
             await self._state_changed.wait()
 
-    # -- health (lifecycle/_health.py) ------------------------------------------------------
-
-    if TYPE_CHECKING:  # here rather than at the top, so that this section stays self-contained
-        from ._health import HealthCheck, HealthMonitor
-
-    # Created on first use: a Lifecycle that never uses health runs no watchdog and no check.
-    _health_monitor: HealthMonitor | None = None
-
-    @property
-    def health(self) -> HealthMonitor:
-        """This Lifecycle's `HealthMonitor`: its checks, components and probes.
-
-        Created on first use, which must come before the Lifecycle starts; declaring a check,
-        a ``health=`` service or health routes does it.
-
-        Raises:
-            RuntimeError: It is first used while the Lifecycle is running.
-        """
-        if self._health_monitor is None:
-            from ._health import HealthMonitor
-
-            self._health_monitor = HealthMonitor(self)
-        return self._health_monitor
-
-    @overload
-    def health_check(self, fn: Callable[..., Any], /) -> HealthCheck: ...
-
-    @overload
-    def health_check(
-        self,
-        name: str | None = None,
-        /,
-        *,
-        interval: float = 5.0,
-        timeout: float = 2.0,
-        critical: bool = True,
-        failure_threshold: int = 3,
-        success_threshold: int = 1,
-        liveness: bool = False,
-        depends: Mapping[str, Service[Any] | str] | None = None,
-    ) -> Callable[[Callable[..., Any]], HealthCheck]: ...
-
-    def health_check(
-        self,
-        fn: Callable[..., Any] | str | None = None,
-        /,
-        *,
-        name: str | None = None,
-        interval: float = 5.0,
-        timeout: float = 2.0,
-        critical: bool = True,
-        failure_threshold: int = 3,
-        success_threshold: int = 1,
-        liveness: bool = False,
-        depends: Mapping[str, Service[Any] | str] | None = None,
-    ) -> HealthCheck | Callable[[Callable[..., Any]], HealthCheck]:
-        """Declare a health check run in the background; ``@lc.health_check`` or with options.
-
-        The check's parameters are services, injected like a service's dependencies (or as
-        ``depends`` maps them). It passes by returning ``None`` or ``True``, fails by raising
-        or returning ``False``, and returns a `lifecycle.CheckResult` to report a degraded
-        (``warn``) state with a reason, or an observed value::
-
-            @lc.health_check(timeout=1.0)
-            async def database(db: Database) -> None:
-                await db.execute("SELECT 1")
-
-        It runs every ``interval`` seconds in a loop of its own (an internal service named
-        ``health:<name>``, started after its services and stopped before them), each run cut
-        off after ``timeout``. Probes read its cached status: ``failure_threshold``
-        consecutive failures make a passing check fail, ``success_threshold`` consecutive
-        successes make a failing check pass; its first result is taken as it is, and startup
-        waits for it (at most ``timeout``). A plain (non-async) function runs on the event
-        loop, where nothing can cut it off: keep those to in-memory checks.
-
-        A service's own ping is shorter to declare with ``@lc.service(health=ping)``: ``ping``
-        receives the service's value as its only argument (``async def ping(db: Database) ->
-        None``, or ``health=lambda db: db.ping()``) and runs as a check named after the service,
-        with these defaults.
-
-        Args:
-            fn: The check (when used without parentheses), or its name.
-            name: The check's name in reports; defaults to the function's name.
-            interval: Seconds between the starts of two runs.
-            timeout: Seconds one run may take; a run cut off is a failure.
-            critical: Readiness fails while it fails; a non-critical check only degrades the
-                full report (``/healthz``) to ``warn``.
-            failure_threshold: Consecutive failures before a passing check fails.
-            success_threshold: Consecutive successes before a failing check passes.
-            liveness: Liveness fails while it fails, too. Only for what a restart fixes:
-                a check that takes services is logged as a mistake at startup.
-            depends: Maps parameters to the `Service` (or name) whose value they receive.
-
-        Returns:
-            The `lifecycle.HealthCheck` (or, with options only, a decorator returning it);
-            its ``statistics()`` show the cached result and the counters.
-
-        Raises:
-            GraphError: The name is taken, or the parameters cannot be wired.
-            TypeError: ``fn`` is not callable.
-            ValueError: An option is out of range.
-        """
-        if isinstance(fn, str):
-            if name is not None:
-                raise TypeError(
-                    f"health_check() got the name twice ({fn!r} and name={name!r}); pass one."
-                )
-            fn, name = None, fn
-        from ._health import HealthCheck
-
-        def decorate(check: Callable[..., Any]) -> HealthCheck:
-            return HealthCheck(
-                self.health,
-                check,
-                name=name,
-                interval=interval,
-                timeout=timeout,
-                critical=critical,
-                liveness=liveness,
-                failure_threshold=failure_threshold,
-                success_threshold=success_threshold,
-                depends=depends,
-            )
-
-        return decorate(fn) if fn is not None else decorate
-
-    # -- background work (lifecycle/_workers.py) ----------------------------------------------
-
-    @overload
-    def worker(
-        self,
-        fn: Callable[Concatenate[J, ...], Awaitable[R]],
-        /,
-        *,
-        name: str | None = None,
-        concurrency: int = 1,
-        queue_size: int = 100,
-        overflow: Literal["wait", "reject"] = "wait",
-        drain_timeout: float | None = 30.0,
-        job_timeout: float | None = None,
-        inherit_deadline: bool = False,
-        cpu_bound: bool = False,
-        on_abandoned: Callable[[Any, str], object] | None = None,
-        depends: Mapping[str, Service[Any] | str] | None = None,
-    ) -> WorkerPool[J, R]: ...
-
-    @overload
-    def worker(
-        self,
-        fn: Callable[Concatenate[J, ...], R],
-        /,
-        *,
-        name: str | None = None,
-        concurrency: int = 1,
-        queue_size: int = 100,
-        overflow: Literal["wait", "reject"] = "wait",
-        drain_timeout: float | None = 30.0,
-        job_timeout: float | None = None,
-        inherit_deadline: bool = False,
-        cpu_bound: bool = False,
-        on_abandoned: Callable[[Any, str], object] | None = None,
-        depends: Mapping[str, Service[Any] | str] | None = None,
-    ) -> WorkerPool[J, R]: ...
-
-    @overload
-    def worker(
-        self,
-        fn: None = None,
-        /,
-        *,
-        name: str | None = None,
-        concurrency: int = 1,
-        queue_size: int = 100,
-        overflow: Literal["wait", "reject"] = "wait",
-        drain_timeout: float | None = 30.0,
-        job_timeout: float | None = None,
-        inherit_deadline: bool = False,
-        cpu_bound: bool = False,
-        on_abandoned: Callable[[Any, str], object] | None = None,
-        depends: Mapping[str, Service[Any] | str] | None = None,
-    ) -> _WorkerDecorator: ...
-
-    def worker(
-        self,
-        fn: Callable[..., Any] | None = None,
-        /,
-        *,
-        name: str | None = None,
-        concurrency: int = 1,
-        queue_size: int = 100,
-        overflow: Literal["wait", "reject"] = "wait",
-        drain_timeout: float | None = 30.0,
-        job_timeout: float | None = None,
-        inherit_deadline: bool = False,
-        cpu_bound: bool = False,
-        on_abandoned: Callable[[Any, str], object] | None = None,
-        depends: Mapping[str, Service[Any] | str] | None = None,
-    ) -> Any:
-        """Declare a bounded worker pool running the decorated handler on submitted jobs.
-
-        The handler's first parameter is the job; its other parameters are services,
-        injected like a service's dependencies. The pool starts after those services and
-        drains and stops before them. Async handlers run on the event loop, plain functions
-        in worker threads (at most ``concurrency`` at once), and with ``cpu_bound=True`` in
-        worker processes.
-
-        Returns a `WorkerPool`: ``await pool.submit(job)`` waits for room,
-        ``pool.submit_nowait(job)`` raises `QueueFull`, ``await pool.call(job)`` returns the
-        handler's result, ``pool.statistics()`` counts everything.
-
-        Args:
-            fn: The handler (when used without parentheses).
-            name: The pool's name; defaults to the handler's name.
-            concurrency: How many jobs run at once.
-            queue_size: How many accepted jobs may wait.
-            overflow: What a full queue does to `WorkerPool.submit`: ``"wait"`` for room
-                (backpressure), or ``"reject"`` with `QueueFull`.
-            drain_timeout: Seconds the queue may take to drain at shutdown before running
-                jobs are cancelled and queued ones abandoned; ``None`` waits for all. Cut
-                short, when need be, so that the drain ends within ``shutdown_timeout``.
-            job_timeout: Seconds one job may run; a job past it fails with `TimeoutError`.
-                Async and ``cpu_bound`` handlers only: a thread cannot be cancelled.
-            inherit_deadline: Run each job under the deadline of the code that submitted it
-                (a request's); by default jobs are app-scoped and do not inherit it.
-            cpu_bound: Run a plain handler that takes only the job in worker processes.
-            on_abandoned: Called with each abandoned job and the reason.
-            depends: Maps handler parameters to the services they receive.
-        """
-        from ._workers import WorkerPool
-
-        def decorate(handler: Callable[..., Any]) -> WorkerPool[Any, Any]:
-            return WorkerPool(
-                self,
-                handler,
-                name=name or handler.__name__,
-                concurrency=concurrency,
-                queue_size=queue_size,
-                overflow=overflow,
-                drain_timeout=drain_timeout,
-                job_timeout=job_timeout,
-                inherit_deadline=inherit_deadline,
-                cpu_bound=cpu_bound,
-                on_abandoned=on_abandoned,
-                depends=depends,
-            )
-
-        return decorate(fn) if fn is not None else decorate
-
-    @overload
-    def background(
-        self,
-        fn: Callable[..., Awaitable[Any]],
-        /,
-        *,
-        name: str | None = None,
-        restart: Literal["always", "on_failure", "never"] = "on_failure",
-        max_restarts: int = 5,
-        within: float = 60.0,
-        backoff_base: float = 0.1,
-        backoff_max: float = 30.0,
-        on_give_up: Literal["fail_health", "shutdown"] = "fail_health",
-        stop_timeout: float | None = 10.0,
-        depends: Mapping[str, Service[Any] | str] | None = None,
-    ) -> BackgroundTask: ...
-
-    @overload
-    def background(
-        self,
-        fn: None = None,
-        /,
-        *,
-        name: str | None = None,
-        restart: Literal["always", "on_failure", "never"] = "on_failure",
-        max_restarts: int = 5,
-        within: float = 60.0,
-        backoff_base: float = 0.1,
-        backoff_max: float = 30.0,
-        on_give_up: Literal["fail_health", "shutdown"] = "fail_health",
-        stop_timeout: float | None = 10.0,
-        depends: Mapping[str, Service[Any] | str] | None = None,
-    ) -> Callable[[Callable[..., Awaitable[Any]]], BackgroundTask]: ...
-
-    def background(
-        self,
-        fn: Callable[..., Awaitable[Any]] | None = None,
-        /,
-        *,
-        name: str | None = None,
-        restart: Literal["always", "on_failure", "never"] = "on_failure",
-        max_restarts: int = 5,
-        within: float = 60.0,
-        backoff_base: float = 0.1,
-        backoff_max: float = 30.0,
-        on_give_up: Literal["fail_health", "shutdown"] = "fail_health",
-        stop_timeout: float | None = 10.0,
-        depends: Mapping[str, Service[Any] | str] | None = None,
-    ) -> Any:
-        """Declare a supervised long-running task (its parameters are services).
-
-        The supervisor restarts it by ``restart`` policy, waiting an exponential backoff
-        with full jitter (a random delay up to ``min(backoff_max, backoff_base * 2**n)``)
-        before restart ``n``. More than ``max_restarts`` restarts within ``within`` seconds
-        make it give up and escalate: by default (``on_give_up="fail_health"``) readiness and
-        liveness fail, so an orchestrator replaces the process; ``"shutdown"`` asks the
-        server to shut down gracefully (SIGTERM to this process). At stop it is cancelled.
-
-        Returns a `BackgroundTask` whose `statistics()` shows its state and restarts.
-        """
-        from ._workers import BackgroundTask
-
-        def decorate(task: Callable[..., Awaitable[Any]]) -> BackgroundTask:
-            return BackgroundTask(
-                self,
-                task,
-                name=name or task.__name__,
-                restart=restart,
-                max_restarts=max_restarts,
-                within=within,
-                backoff_base=backoff_base,
-                backoff_max=backoff_max,
-                on_give_up=on_give_up,
-                stop_timeout=stop_timeout,
-                depends=depends,
-            )
-
-        return decorate(fn) if fn is not None else decorate
-
-    @overload
-    def periodic(
-        self,
-        fn: Callable[..., Awaitable[Any]],
-        /,
-        *,
-        every: float,
-        name: str | None = None,
-        jitter: float = 0.0,
-        timeout: float | None = None,
-        first_run: Literal["now", "after_period"] = "after_period",
-        stop_timeout: float | None = 10.0,
-        depends: Mapping[str, Service[Any] | str] | None = None,
-    ) -> PeriodicJob: ...
-
-    @overload
-    def periodic(
-        self,
-        fn: None = None,
-        /,
-        *,
-        every: float,
-        name: str | None = None,
-        jitter: float = 0.0,
-        timeout: float | None = None,
-        first_run: Literal["now", "after_period"] = "after_period",
-        stop_timeout: float | None = 10.0,
-        depends: Mapping[str, Service[Any] | str] | None = None,
-    ) -> Callable[[Callable[..., Awaitable[Any]]], PeriodicJob]: ...
-
-    def periodic(
-        self,
-        fn: Callable[..., Awaitable[Any]] | None = None,
-        /,
-        *,
-        every: float,
-        name: str | None = None,
-        jitter: float = 0.0,
-        timeout: float | None = None,
-        first_run: Literal["now", "after_period"] = "after_period",
-        stop_timeout: float | None = 10.0,
-        depends: Mapping[str, Service[Any] | str] | None = None,
-    ) -> Any:
-        """Declare a job run every ``every`` seconds (its parameters are services).
-
-        Runs never overlap: a run longer than the period delays the next one, and missed
-        periods are skipped. Each run waits an extra random delay up to ``jitter`` seconds,
-        is cut off after ``timeout``, and a failure is logged and counted while the schedule
-        goes on. The first run happens at once (``first_run="now"``) or after one period. At
-        stop, a run in progress may finish within ``stop_timeout``.
-
-        Returns a `PeriodicJob` whose `statistics()` counts runs and failures.
-        """
-        from ._workers import PeriodicJob
-
-        def decorate(job: Callable[..., Awaitable[Any]]) -> PeriodicJob:
-            return PeriodicJob(
-                self,
-                job,
-                name=name or job.__name__,
-                every=every,
-                jitter=jitter,
-                timeout=timeout,
-                first_run=first_run,
-                stop_timeout=stop_timeout,
-                depends=depends,
-            )
-
-        return decorate(fn) if fn is not None else decorate
-
-    # -- draining -------------------------------------------------------------------------
-
-    @property
-    def draining(self) -> bool:
-        """Whether a drain has begun in the current run (readiness fails for good)."""
-        return self._draining
-
-    @property
-    def drain_began(self) -> float | None:
-        """When the drain began (``time.monotonic()``), or ``None``."""
-        return self._drain_began
-
-    def begin_drain(self) -> None:
-        """Mark the app as draining: from now on readiness fails, while liveness holds.
-
-        The graceful-drain protocol calls this on the first SIGTERM; calling it again does
-        nothing. It is reset when the next run starts.
-        """
-        if not self._draining:
-            self._draining = True
-            # time.monotonic, not the loop's clock: this runs from signal callbacks too, where
-            # no task is current and anyio cannot tell which event loop is running.
-            self._drain_began = time.monotonic()
-            logger.info("Drain begun: readiness now fails.", extra={"phase": "drain"})
-
     # -- inspecting -----------------------------------------------------------------------
 
     @property
@@ -971,17 +618,11 @@ class Lifecycle:
         return service
 
     def _begin_run(self) -> None:
-        if self._state in (
-            LifecycleState.STARTING,
-            LifecycleState.RUNNING,
-            LifecycleState.STOPPING,
-        ):
+        if self._state in _ACTIVE:
             raise RuntimeError(
                 f"This Lifecycle is already {self._state.value}; a Lifecycle runs one lifespan "
                 f"at a time. Use one Lifecycle per app, or wait for the running one to stop."
             )
-        self._draining = False
-        self._drain_began = None
         self._set_state(LifecycleState.STARTING)
 
     def _set_state(self, state: LifecycleState) -> None:
@@ -996,28 +637,11 @@ class Lifecycle:
 
 # -- declaration and validation -----------------------------------------------------------
 
-
-def _check_timeout(what: str, value: float | None) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"{what} must be a number of seconds or None, not {value!r}.")
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(
-            f"{what} must be a positive, finite number of seconds (or None for no limit), "
-            f"not {value!r}."
-        )
-    return float(value)
+_ACTIVE = (LifecycleState.STARTING, LifecycleState.RUNNING, LifecycleState.STOPPING)
 
 
-def _declare(
-    lifecycle: Lifecycle,
-    fn: Callable[..., Any],
-    name: str | None,
-    depends: Mapping[str, Service[Any] | str] | None,
-    start_timeout: float | None,
-    stop_timeout: float | None,
-) -> Service[Any]:
+def _service_form(fn: Callable[..., Any], name: str | None) -> tuple[str, ServiceForm]:
+    """The name of the service ``fn`` runs, and which of the two kinds of function it is."""
     if not callable(fn):
         raise TypeError(f"@lc.service decorates a function, not {fn!r}.")
     name = name if name is not None else getattr(fn, "__name__", None)
@@ -1025,41 +649,95 @@ def _declare(
         raise TypeError(
             f"Cannot name the service {fn!r}; pass a non-empty string with @lc.service(name=...)."
         )
-    signature = inspect.signature(fn)
+    takes_status = TASK_STATUS in _signature(fn, "Service", name).parameters
     if inspect.isasyncgenfunction(fn):
-        form = _Form.GENERATOR
-        if _TASK_STATUS in signature.parameters:
+        if takes_status:
             raise TypeError(
                 f"Service {name!r} is an async generator and also takes task_status; use one "
                 f"form: yield the value once, or take task_status and call "
                 f"task_status.started(value)."
             )
-    elif inspect.iscoroutinefunction(fn) and _TASK_STATUS in signature.parameters:
-        form = _Form.TASK
-    elif inspect.iscoroutinefunction(fn):
+        return name, ServiceForm.GENERATOR
+    if inspect.iscoroutinefunction(fn):
+        if takes_status:
+            return name, ServiceForm.TASK
         raise TypeError(
             f"Service {name!r} is an async function without task_status; make it an async "
             f"generator that yields its value once (cleanup after the yield), or give it a "
             f"keyword parameter task_status and call task_status.started(value) when ready."
         )
-    else:
-        raise TypeError(
-            f"Service {name!r} must be an async generator function (yield the value once) or "
-            f"an async function taking task_status, not {type(fn).__name__} {fn!r}."
-        )
+    raise TypeError(
+        f"Service {name!r} must be an async generator function (yield the value once) or "
+        f"an async function taking task_status, not {type(fn).__name__} {fn!r}."
+    )
 
-    params: dict[str, str] = {}
-    for param in signature.parameters.values():
-        if param.name == _TASK_STATUS:
-            continue
-        if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+
+def _signature(fn: Callable[..., Any], kind: str, name: str) -> inspect.Signature:
+    try:
+        return inspect.signature(fn)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"Cannot read the parameters of {kind.lower()} {name!r}: {exc}") from None
+
+
+def parameters(
+    kernel: Kernel,
+    fn: Callable[..., Any],
+    *,
+    kind: str,
+    name: str,
+    depends: Mapping[str, Service[Any] | str] | None = None,
+    job: bool = False,
+) -> dict[str, str]:
+    """Map each parameter of ``fn`` to the name of the service whose value it receives.
+
+    The one parser of parameters for every declaration (services, worker handlers, checks,
+    supervised tasks, periodic jobs), so that each mistake gets the same error everywhere.
+    Each parameter is named after its service unless ``depends`` maps it to another one.
+
+    Args:
+        kernel: Where the services are declared (a `Service` in ``depends`` must be its).
+        fn: The declared function.
+        kind: What ``fn`` is, for messages: ``"Service"``, ``"Worker handler"``...
+        name: The declaration's name, for messages.
+        depends: Parameter names mapped to the `Service` (or service name) they receive.
+        job: The first parameter is the job (a worker handler's), not a service.
+
+    Raises:
+        GraphError: A parameter cannot receive a service (``*args``, ``**kwargs``,
+            positional-only), or ``depends`` names a parameter ``fn`` does not have.
+        TypeError: ``depends`` maps to something that is not a service, or the parameters
+            cannot be read.
+    """
+    qualname = getattr(fn, "__qualname__", fn)
+    listed = list(_signature(fn, kind, name).parameters.values())
+    if job:
+        if not listed or listed[0].kind not in (
+            inspect.Parameter.POSITIONAL_ONLY,
+            inspect.Parameter.POSITIONAL_OR_KEYWORD,
+        ):
             raise GraphError(
-                f"Service {name!r} takes *{param.name}; every parameter must name one "
-                f"dependency, so remove it."
+                f"The {kind.lower()} {qualname!r} must take the job as its first positional "
+                f"parameter; its other parameters are services."
+            )
+        listed = listed[1:]
+    params: dict[str, str] = {}
+    for param in listed:
+        if param.name == TASK_STATUS:
+            if kind == "Service":
+                continue  # the long-running form's; see _service_form
+            raise GraphError(
+                f"{kind} {name!r} takes task_status, which only a long-running service "
+                f"takes (to report that it started); remove the parameter."
+            )
+        if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+            stars = "*" if param.kind is param.VAR_POSITIONAL else "**"
+            raise GraphError(
+                f"{kind} {name!r} takes {stars}{param.name}; every parameter must name one "
+                f"service, so remove it."
             )
         if param.kind is param.POSITIONAL_ONLY:
             raise GraphError(
-                f"Service {name!r} takes {param.name!r} as positional-only; dependencies are "
+                f"{kind} {name!r} takes {param.name!r} as positional-only; services are "
                 f"passed by keyword, so remove the '/'."
             )
         params[param.name] = param.name
@@ -1067,14 +745,14 @@ def _declare(
     for key, target in (depends or {}).items():
         if key not in params:
             raise GraphError(
-                f"Service {name!r} maps depends={{{key!r}: ...}}, but {key!r} is not a "
-                f"parameter of {getattr(fn, '__qualname__', fn)!r}; its parameters are "
-                f"{sorted(params)!r}."
+                f"{kind} {name!r} maps depends={{{key!r}: ...}}, but {key!r} is not a "
+                f"parameter of {qualname!r}; its parameters are {sorted(params)!r}"
+                f"{_suggest(key, params)}."
             )
         if isinstance(target, Service):
-            if target.lifecycle is not lifecycle:
+            if target.lifecycle is not kernel:
                 raise GraphError(
-                    f"Service {name!r} depends on {target!r}, which is declared on another "
+                    f"{kind} {name!r} depends on {target!r}, which is declared on another "
                     f"Lifecycle; declare both on the same one."
                 )
             params[key] = target.name
@@ -1082,19 +760,10 @@ def _declare(
             params[key] = target
         else:
             raise TypeError(
-                f"depends={{{key!r}: {target!r}}} of service {name!r} must map to a Service "
-                f"or a service name."
+                f"depends={{{key!r}: {target!r}}} of {kind.lower()} {name!r} must map to a "
+                f"Service or a service name."
             )
-
-    return Service(
-        name=name,
-        fn=fn,
-        lifecycle=lifecycle,
-        depends=params,
-        start_timeout=start_timeout,
-        stop_timeout=stop_timeout,
-        _form=form,
-    )
+    return params
 
 
 @dataclass(frozen=True)
@@ -1187,7 +856,7 @@ class _Record:
         self.host_done = anyio.Event() if service.depends else None
         # Asks a long-running service's host to stop (set too when the service exits on its
         # own); generator services wait on the run's single stop event instead.
-        self.wake = anyio.Event() if service._form is _Form.TASK else None
+        self.wake = anyio.Event() if service.form is ServiceForm.TASK else None
         self.error: BaseException | None = None  # why the start failed
         self.stop_error: BaseException | None = None  # why the cleanup failed
         self.crash: BaseException | None = None  # a long-running service's crash
@@ -1200,8 +869,8 @@ class _Record:
 class _Run:
     """One run of a Lifecycle: starts the hosts, stops them, keeps the timeline."""
 
-    def __init__(self, lifecycle: Lifecycle, plan: _Plan) -> None:
-        self.lifecycle = lifecycle
+    def __init__(self, kernel: Kernel, plan: _Plan) -> None:
+        self.kernel = kernel
         self.plan = plan
         self.records = {name: _Record(service) for name, service in plan.services.items()}
         self.origin = time.perf_counter()
@@ -1235,7 +904,7 @@ class _Run:
         return {
             name: rec.value
             for name, rec in self.records.items()
-            if rec.started and not rec.service._internal
+            if rec.started and not rec.service.internal
         }
 
     def now(self) -> float:
@@ -1245,11 +914,11 @@ class _Run:
     # -- startup --------------------------------------------------------------------------
 
     async def start(self, task_group: TaskGroup) -> None:
-        startup_timeout = self.lifecycle.startup_timeout
+        startup_timeout = self.kernel.startup_timeout
         deadline = math.inf if startup_timeout is None else anyio.current_time() + startup_timeout
-        observer = self.lifecycle._observer
-        if observer is not None:
-            observer.run_starting(self.lifecycle)
+        observers = self.kernel.observers
+        if observers:
+            observers.call("run_starting", self.kernel)
         self.startup_deadline = deadline
         try:
             with anyio.CancelScope() as abort, anyio.CancelScope(deadline=deadline):
@@ -1281,8 +950,8 @@ class _Run:
                     record.state = ServiceState.STOPPED
                     record.start_ended = self.now()
             await self._rollback()
-            if observer is not None:
-                observer.run_started(self.lifecycle, exc)
+            if observers:
+                observers.call("run_started", self.kernel, exc)
             raise
 
         if self.aborted_by_budget or (not self.aborting and anyio.current_time() >= deadline):
@@ -1314,8 +983,8 @@ class _Run:
         if not failures:
             self.started_ok = True
             self._log_started()
-            if observer is not None:
-                observer.run_started(self.lifecycle, None)
+            if observers:
+                observers.call("run_started", self.kernel, None)
             return
 
         cancelled = [n for n, r in self.records.items() if r.state is ServiceState.STARTING]
@@ -1325,8 +994,8 @@ class _Run:
         rollback_errors = await self._rollback()
         error = _startup_error(failures, cancelled, list(self.stop_order), rollback_errors)
         self.error = error
-        if observer is not None:
-            observer.run_started(self.lifecycle, error)
+        if observers:
+            observers.call("run_started", self.kernel, error)
         raise error
 
     async def _abort_starts_when_cancelled(self) -> None:
@@ -1392,7 +1061,7 @@ class _Run:
         logger.error(
             "Service %r failed to start: %s",
             record.service.name,
-            _describe(record.error),
+            describe(record.error),
             exc_info=record.error,
             extra={"service": record.service.name, "phase": "start"},
         )
@@ -1417,13 +1086,13 @@ class _Run:
     async def _host(self, record: _Record, *, task_status: TaskStatus[Any]) -> None:
         service = record.service
         kwargs = {param: self.records[target].value for param, target in service.depends.items()}
-        observer = self.lifecycle._observer
+        observers = self.kernel.observers
         if self.aborting:  # startup was abandoned since this start was launched
             raise _StartAborted
         self.hosts_alive += 1
         try:
-            if observer is not None:
-                observer.service_starting(service)
+            if observers:
+                observers.call("service_starting", service)
             # Abandoning startup cancels this scope. It spans the host's whole life, so it
             # nests around whatever scopes the service keeps open across its yield, and the
             # guard's shield blocks it once the service runs: a start that completes just as
@@ -1432,7 +1101,7 @@ class _Run:
             with anyio.CancelScope() as abortable:
                 self.starting[record] = abortable
                 try:
-                    if service._form is _Form.GENERATOR:
+                    if service.form is ServiceForm.GENERATOR:
                         await self._host_generator(record, kwargs, task_status)
                     else:
                         await self._host_task(record, kwargs, task_status)
@@ -1442,14 +1111,14 @@ class _Run:
                 finally:
                     del self.starting[record]
             if abortable.cancelled_caught and not record.started:
-                if observer is not None and cancelled is not None:
-                    observer.service_start_failed(service, cancelled)
+                if observers and cancelled is not None:
+                    observers.call("service_start_failed", service, cancelled)
                 raise _StartAborted
         except _StartAborted:
             raise
         except BaseException as exc:
-            if observer is not None and not record.started:
-                observer.service_start_failed(service, exc)
+            if observers and not record.started:
+                observers.call("service_start_failed", service, exc)
             raise
         finally:
             if record.host_done is not None:
@@ -1472,7 +1141,7 @@ class _Run:
         self, record: _Record, kwargs: dict[str, Any], task_status: TaskStatus[Any]
     ) -> None:
         service = record.service
-        hooks = self.lifecycle._hooks
+        hooks = self.kernel.hooks
         agen = cast(Any, service.fn(**kwargs))
         # One scope spans the generator's whole life, because the generator may leave its own
         # cancel scopes (a task group, say) open across its yield: a scope of ours opened
@@ -1531,7 +1200,7 @@ class _Run:
         self, record: _Record, kwargs: dict[str, Any], task_status: TaskStatus[Any]
     ) -> None:
         service = record.service
-        hooks = self.lifecycle._hooks
+        hooks = self.kernel.hooks
         exited = False
         stop_deadline = math.inf
         # The service runs in a child task, so scopes here nest simply. Like the generator
@@ -1539,7 +1208,7 @@ class _Run:
         # moment the service reports started, before its own task runs on, so that abandoning
         # startup at that moment cannot reach a service that counts as started.
         guard = anyio.CancelScope()
-        observer = self.lifecycle._observer
+        observers = self.kernel.observers
 
         def ready() -> None:
             abortable = self.starting.get(record)
@@ -1548,8 +1217,8 @@ class _Run:
                 # service from the cancellation already on its way, and its start waiting).
                 return
             guard.shield = True
-            if observer is not None:
-                observer.service_ready(service)
+            if observers:
+                observers.call("service_ready", service)
 
         async def run_service(*, task_status: TaskStatus[Any]) -> None:
             nonlocal exited
@@ -1600,7 +1269,7 @@ class _Run:
                 logger.error(
                     "Service %r crashed while running: %s",
                     service.name,
-                    _describe(error),
+                    describe(error),
                     exc_info=error,
                     extra={"service": service.name, "phase": "run"},
                 )
@@ -1642,8 +1311,8 @@ class _Run:
             took * 1000,
             extra={"service": record.service.name, "phase": "start", "duration": took},
         )
-        if self.lifecycle._observer is not None:
-            self.lifecycle._observer.service_started(record.service)
+        if self.kernel.observers:
+            self.kernel.observers.call("service_started", record.service)
 
     async def _wait_for_stop(self, record: _Record) -> None:
         """Wait, shielded, for the stop request, then for every started dependent to stop.
@@ -1670,8 +1339,8 @@ class _Run:
         record.state = ServiceState.STOPPING
         record.stop_began = self.now()
         self.stop_order.append(service.name)
-        if self.lifecycle._observer is not None:
-            self.lifecycle._observer.service_stopping(service)
+        if self.kernel.observers:
+            self.kernel.observers.call("service_stopping", service)
         own = math.inf
         if service.stop_timeout is not None:
             own = anyio.current_time() + service.stop_timeout
@@ -1679,7 +1348,7 @@ class _Run:
             record.stop_limit = f"its stop_timeout of {service.stop_timeout}s"
             return own
         # What is left of the shutdown budget, part of it perhaps spent on its dependents.
-        record.stop_limit = f"the shutdown_timeout of {self.lifecycle.shutdown_timeout}s"
+        record.stop_limit = f"the shutdown_timeout of {self.kernel.shutdown_timeout}s"
         return self.shutdown_deadline
 
     def _stopped(self, record: _Record, *, timed_out: bool = False, overran: bool = False) -> None:
@@ -1702,8 +1371,8 @@ class _Run:
                 f"{record.stop_limit}: its cleanup shields itself from cancellation, so it "
                 f"could not be cut off."
             )
-        if self.lifecycle._observer is not None:
-            self.lifecycle._observer.service_stopped(service, record.stop_error)
+        if self.kernel.observers:
+            self.kernel.observers.call("service_stopped", service, record.stop_error)
         if record.stop_error is None:
             record.state = ServiceState.STOPPED
             logger.debug(
@@ -1717,22 +1386,22 @@ class _Run:
         logger.error(
             "Service %r failed to stop cleanly: %s",
             service.name,
-            _describe(record.stop_error),
+            describe(record.stop_error),
             exc_info=record.stop_error,
             extra={"service": service.name, "phase": "stop", "duration": took},
         )
 
     async def stop(self) -> dict[str, BaseException]:
         """Stop every started service in reverse dependency order; return the failures."""
-        shutdown_timeout = self.lifecycle.shutdown_timeout
+        shutdown_timeout = self.kernel.shutdown_timeout
         began = self.now()
         if shutdown_timeout is not None:
             self.shutdown_deadline = anyio.current_time() + shutdown_timeout
         self.stopping = True
         started = [record for record in self.records.values() if record.started]
-        observer = self.lifecycle._observer
-        if observer is not None:
-            observer.run_stopping(self.lifecycle)
+        observers = self.kernel.observers
+        if observers:
+            observers.call("run_stopping", self.kernel)
         with anyio.CancelScope(shield=True):
             self.stop_requested.set()
             for record in started:
@@ -1760,8 +1429,8 @@ class _Run:
                 self.timeline().gantt(),
                 extra={"phase": "shutdown"},
             )
-        if observer is not None:
-            observer.run_stopped(self.lifecycle, errors)
+        if observers:
+            observers.call("run_stopped", self.kernel, errors)
         return errors
 
     async def _rollback(self) -> dict[str, BaseException]:
@@ -1784,7 +1453,7 @@ class _Run:
                     start_ended=record.start_ended,
                     stop_began=record.stop_began,
                     stop_ended=record.stop_ended,
-                    error=_describe(error) if error is not None else None,
+                    error=describe(error) if error is not None else None,
                 )
             )
         return Timeline(tuple(entries), self._slowest_chain())
@@ -1830,13 +1499,6 @@ def _unwrap(exc: BaseException) -> BaseException:
     return exc
 
 
-def _describe(exc: BaseException | None) -> str:
-    if exc is None:
-        return ""
-    text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
 def _startup_error(
     failures: dict[str, BaseException],
     cancelled: list[str],
@@ -1857,7 +1519,7 @@ def _startup_error(
     if rollback_errors:
         parts.append(
             "Rollback cleanups that failed: "
-            + "; ".join(f"{n!r}: {_describe(e)}" for n, e in rollback_errors.items())
+            + "; ".join(f"{n!r}: {describe(e)}" for n, e in rollback_errors.items())
             + "."
         )
     error = StartupError(
@@ -1878,7 +1540,7 @@ def _startup_error(
 def _what_failed(exc: BaseException) -> str:
     if isinstance(exc, TimeoutError):
         return f"timed out ({exc})"
-    return f"raised {_describe(exc)}"
+    return f"raised {describe(exc)}"
 
 
 def _shutdown_error(errors: dict[str, BaseException], run: _Run) -> ShutdownError:
@@ -1886,11 +1548,11 @@ def _shutdown_error(errors: dict[str, BaseException], run: _Run) -> ShutdownErro
     for name, exc in errors.items():
         record = run.records[name]
         if record.crash is exc:
-            details.append(f"{name!r} crashed while running ({_describe(exc)})")
+            details.append(f"{name!r} crashed while running ({describe(exc)})")
         elif isinstance(exc, TimeoutError):
             details.append(f"{name!r} timed out ({exc})")
         else:
-            details.append(f"{name!r} raised {_describe(exc)}")
+            details.append(f"{name!r} raised {describe(exc)}")
     error = ShutdownError(
         "Shutdown finished with errors (every cleanup was attempted): " + "; ".join(details) + ".",
         errors=errors,
