@@ -833,6 +833,7 @@ class _Record:
         "host_done",
         "service",
         "start_began",
+        "start_deadline",
         "start_ended",
         "started",
         "state",
@@ -862,6 +863,7 @@ class _Record:
         self.crash: BaseException | None = None  # a long-running service's crash
         self.start_began: float | None = None
         self.start_ended: float | None = None
+        self.start_deadline = math.inf  # on the loop's clock
         self.stop_began: float | None = None
         self.stop_ended: float | None = None
 
@@ -1111,6 +1113,8 @@ class _Run:
                 finally:
                     del self.starting[record]
             if abortable.cancelled_caught and not record.started:
+                if anyio.current_time() >= record.start_deadline and not self.aborting:
+                    raise self._start_timed_out(service)  # its own deadline, not an abort
                 if observers and cancelled is not None:
                     observers.call("service_start_failed", service, cancelled)
                 raise _StartAborted
@@ -1137,20 +1141,52 @@ class _Run:
             f"{service.start_timeout}s."
         )
 
+    def _overran(self, service: Service[Any], began: float, deadline: float) -> TimeoutError | None:
+        """The error of a start that completed past its own deadline or the startup budget.
+
+        A start can only be cut off where it awaits; one that blocked the event loop or
+        shielded itself past its deadline completes all the same, and must not count as
+        started (its host scope may already be cancelled, and the budget was not kept).
+        """
+        now = anyio.current_time()
+        if now <= deadline and now <= self.startup_deadline:
+            return None
+        limit = (
+            f"its start_timeout of {service.start_timeout}s"
+            if now > deadline
+            else f"the startup_timeout of {self.kernel.startup_timeout}s"
+        )
+        return TimeoutError(
+            f"Service {service.name!r} took {now - began:.2f}s to start, past {limit}; it did "
+            f"not yield to cancellation in time (it blocked the event loop or shielded "
+            f"itself), so it could not be cut off. What it started was cleaned up again."
+        )
+
+    def _cleanup_overran_start(self, error: TimeoutError, cleanup: BaseException | None) -> None:
+        if cleanup is not None:
+            error.add_note(f"Its cleanup then failed: {describe(cleanup)}")
+
     async def _host_generator(
         self, record: _Record, kwargs: dict[str, Any], task_status: TaskStatus[Any]
     ) -> None:
         service = record.service
         hooks = self.kernel.hooks
         agen = cast(Any, service.fn(**kwargs))
+        began = anyio.current_time()
+        # The start deadline is the deadline of the abortable scope around the host's whole
+        # life (see `_host`), not of the guard: a start that completes just as the deadline
+        # cancels it must find its guard uncancelled, so that its cleanup can still run.
+        deadline = record.start_deadline = self._start_deadline(service)
+        abortable = self.starting[record]
+        abortable.deadline = deadline
+        overran: TimeoutError | None = None
         # One scope spans the generator's whole life, because the generator may leave its own
         # cancel scopes (a task group, say) open across its yield: a scope of ours opened
-        # around one step and closed after it would break their nesting. Its deadline is the
-        # start timeout, then none, then the stop deadline. It is cancellable while starting
-        # (a rollback or Ctrl+C cancels the start) and a shield once running, so that
-        # everything the service owns, tasks it spawned included, stops only when its turn
-        # comes in the reverse-order shutdown.
-        with anyio.CancelScope(deadline=self._start_deadline(service)) as guard:
+        # around one step and closed after it would break their nesting. Its deadline is none,
+        # then the stop deadline. It is a shield once running, so that everything the service
+        # owns, tasks it spawned included, stops only when its turn comes in the
+        # reverse-order shutdown.
+        with anyio.CancelScope() as guard:
             try:
                 if hooks is not None:
                     await hooks.before_start(service.name)
@@ -1161,16 +1197,19 @@ class _Run:
                     f"generator service must yield exactly once."
                 ) from None
             except Exception as exc:
-                if guard.cancel_called:
+                if abortable.cancel_called and anyio.current_time() >= deadline:
                     raise self._start_timed_out(service) from exc
                 raise
-            guard.deadline = math.inf
             guard.shield = True
-            self._running(record, value)
-            task_status.started(value)
-
-            await self._wait_for_stop(record)
-            guard.deadline = self._begin_stop(record)
+            abortable.deadline = math.inf
+            overran = self._overran(service, began, deadline)
+            if overran is None:
+                self._running(record, value)
+                task_status.started(value)
+                await self._wait_for_stop(record)
+                guard.deadline = self._begin_stop(record)
+            elif service.stop_timeout is not None:
+                guard.deadline = anyio.current_time() + service.stop_timeout
             try:
                 await agen.__anext__()
             except StopAsyncIteration:
@@ -1183,14 +1222,16 @@ class _Run:
                     f"service must yield exactly once (its value), then clean up."
                 )
                 await agen.aclose()
-            if hooks is not None and record.stop_error is None:
+            if hooks is not None and record.stop_error is None and overran is None:
                 try:
                     await hooks.after_stop(service.name)
                 except Exception as exc:
                     record.stop_error = exc
-        if not record.started:
-            # The start deadline cancelled the start (the guard swallowed the cancellation).
-            raise self._start_timed_out(service)
+        if overran is not None:
+            cut = TimeoutError("it was cut off") if guard.cancelled_caught else None
+            self._cleanup_overran_start(overran, record.stop_error or cut)
+            record.stop_error = None
+            raise overran
         if guard.cancelled_caught:
             self._stopped(record, timed_out=True)
         else:  # a cleanup that shields itself cannot be cut off, only reported
@@ -1210,7 +1251,11 @@ class _Run:
         guard = anyio.CancelScope()
         observers = self.kernel.observers
 
+        reported = False
+
         def ready() -> None:
+            nonlocal reported
+            reported = True
             abortable = self.starting.get(record)
             if abortable is not None and abortable.cancel_called:
                 # Startup was abandoned first: the start is cut (a shield now would keep the
@@ -1237,10 +1282,13 @@ class _Run:
                 assert record.wake is not None
                 record.wake.set()
 
+        overran: TimeoutError | None = None
         try:
             with guard:
                 async with anyio.create_task_group() as inner:
-                    with anyio.CancelScope(deadline=self._start_deadline(service)) as scope:
+                    began = anyio.current_time()
+                    deadline = record.start_deadline = self._start_deadline(service)
+                    with anyio.CancelScope(deadline=deadline) as scope:
                         try:
                             value = await inner.start(run_service)
                         except Exception as exc:
@@ -1248,8 +1296,18 @@ class _Run:
                                 raise self._start_timed_out(service) from exc
                             raise
                     if scope.cancelled_caught:
-                        raise self._start_timed_out(service)
+                        # It reported started only after its deadline, shielded: say how long
+                        # it took (the task group cancels it as the start is abandoned).
+                        late = self._overran(service, began, deadline) if reported else None
+                        raise late or self._start_timed_out(service)
                     guard.shield = True
+                    overran = self._overran(service, began, deadline)
+                    if overran is not None:
+                        # Cancel it, as at a stop, within its own stop_timeout.
+                        if service.stop_timeout is not None:
+                            guard.deadline = anyio.current_time() + service.stop_timeout
+                        inner.cancel_scope.cancel()
+                        raise overran
                     self._running(record, value)
                     task_status.started(value)
 
@@ -1261,6 +1319,9 @@ class _Run:
                         inner.cancel_scope.cancel()
         except Exception as exc:
             error = _unwrap(exc)
+            if overran is not None and error is not overran:
+                self._cleanup_overran_start(overran, error)  # its cancellation raised
+                raise overran from None
             if not record.started:
                 raise error from None
             if record.state is ServiceState.RUNNING:
@@ -1286,16 +1347,16 @@ class _Run:
             return
         # The service was cancelled at once when asked to stop, so its cleanup ran past the
         # deadline only if it shielded itself: that cannot be cut off, only reported.
-        overran = anyio.current_time() > stop_deadline
+        late = anyio.current_time() > stop_deadline
         timed_out = False
-        if hooks is not None and record.stop_error is None and not overran:
+        if hooks is not None and record.stop_error is None and not late:
             with anyio.CancelScope(shield=True, deadline=stop_deadline) as scope:
                 try:
                     await hooks.after_stop(service.name)
                 except Exception as exc:
                     record.stop_error = exc
             timed_out = scope.cancelled_caught
-        self._stopped(record, timed_out=timed_out, overran=overran)
+        self._stopped(record, timed_out=timed_out, overran=late)
 
     # -- stopping -------------------------------------------------------------------------
 

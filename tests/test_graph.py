@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -534,12 +535,18 @@ async def test_startup_timeout_passing_in_a_blocking_start_rolls_back() -> None:
     no_checkpoint_to_yield(lc, cleaned, "blocking", before=blocking_connect)
     no_checkpoint_to_yield(lc, cleaned, "after", "blocking")
 
-    # The budget has run out before `after` can start: it never starts.
+    # The start that overran the budget is the one that failed, not its innocent dependent,
+    # which never starts; what the blocking start opened is cleaned up all the same.
     with anyio.fail_after(5), pytest.raises(StartupError) as info:
         async with lc.run():
             pytest.fail("startup should not complete")
-    assert "'after' was ready to start when the startup_timeout of 0.05s ran out" in str(info.value)
-    assert info.value.rolled_back == ("blocking",)
+    assert set(info.value.failures) == {"blocking"}
+    assert re.search(
+        r"'blocking' took 0\.\d\ds to start, past the startup_timeout of 0\.05s", str(info.value)
+    )
+    assert "'after'" not in str(info.value)
+    assert lc.service_state("after") is ServiceState.PENDING
+    assert lc.service_state("blocking") is ServiceState.FAILED
     assert cleaned == ["blocking"]
 
 
@@ -625,26 +632,56 @@ async def test_starts_cancelled_by_a_failure_stay_so_when_unwinding_outlasts_the
 
 
 @pytest.mark.parametrize("form", ["generator", "task"])
-async def test_a_start_blocking_past_its_start_timeout_then_ready_is_started(form: str) -> None:
-    """The loop never ran while it blocked, so neither backend can have cut it: it started."""
+@pytest.mark.parametrize("how", ["blocks the loop", "shields itself"])
+async def test_a_start_that_overruns_its_start_timeout_fails_and_is_cleaned_up(
+    form: str, how: str
+) -> None:
+    """Neither backend can cut a start that blocks or shields itself; once it completes, it
+    fails with its measured duration instead of counting as started (its host scope may
+    already be cancelled), and what it started is cleaned up, awaiting included."""
     lc = Lifecycle()
+    cleaned: list[str] = []
+
+    async def overrun() -> None:
+        if how == "blocks the loop":
+            time.sleep(0.1)  # noqa: ASYNC251
+        else:
+            with anyio.CancelScope(shield=True):
+                await anyio.sleep(0.1)
+
     if form == "generator":
 
         @lc.service(start_timeout=0.05)
         async def service() -> AsyncIterator[str]:
-            time.sleep(0.1)  # noqa: ASYNC251
-            yield "ready"
+            await overrun()
+            try:
+                yield "ready"
+            finally:
+                await anyio.sleep(0)  # the cleanup can await: it is not cut at once
+                cleaned.append("service")
 
     else:
 
         @lc.service(start_timeout=0.05)
         async def service(*, task_status: TaskStatus[str]) -> None:
-            time.sleep(0.1)  # noqa: ASYNC251
+            await overrun()
             task_status.started("ready")
-            await anyio.sleep_forever()
+            try:
+                await anyio.sleep_forever()
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await anyio.sleep(0)
+                cleaned.append("service")
 
-    async with lc.run() as services:
-        assert services["service"] == "ready"
+    with anyio.fail_after(5), pytest.raises(StartupError) as info:
+        async with lc.run():
+            pytest.fail("startup should not complete")
+    assert list(info.value.failures) == ["service"]
+    assert re.search(
+        r"'service' took 0\.1\ds to start, past its start_timeout of 0\.05s", str(info.value)
+    )
+    assert cleaned == ["service"]
+    assert lc.service_state(service) is ServiceState.FAILED
 
 
 async def test_startup_error_keeps_rollback_failures() -> None:
