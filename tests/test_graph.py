@@ -657,7 +657,7 @@ async def test_a_start_that_overruns_its_start_timeout_fails_and_is_cleaned_up(
             try:
                 yield "ready"
             finally:
-                await anyio.sleep(0)  # the cleanup can await: it is not cut at once
+                await anyio.lowlevel.checkpoint()  # the cleanup can await: not cut at once
                 cleaned.append("service")
 
     else:
@@ -670,7 +670,7 @@ async def test_a_start_that_overruns_its_start_timeout_fails_and_is_cleaned_up(
                 await anyio.sleep_forever()
             finally:
                 with anyio.CancelScope(shield=True):
-                    await anyio.sleep(0)
+                    await anyio.lowlevel.checkpoint()
                 cleaned.append("service")
 
     with anyio.fail_after(5), pytest.raises(StartupError) as info:
