@@ -27,6 +27,7 @@ import enum
 import inspect
 import logging
 import math
+import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -428,8 +429,10 @@ class Kernel:
         # passes through the task group untouched.
         cancelled = anyio.get_cancelled_exc_class()
         error: BaseException | None = None
+        hosts = _HostGroup()
+        task_group = await hosts.open()
         try:
-            async with anyio.create_task_group() as task_group:
+            try:
                 try:
                     await run.start(task_group)
                 except cancelled:
@@ -457,6 +460,11 @@ class Kernel:
                         errors = await run.stop()
                         if errors:
                             error = _shutdown_error(errors, run)
+            finally:
+                # Every host has finished by now, but those that shutdown had to abandon.
+                hosts_error = await hosts.close(run.abandon_at)
+                if hosts_error is not None and error is None:
+                    error = hosts_error
         finally:
             self._set_state(LifecycleState.STOPPED if run.started_ok else LifecycleState.FAILED)
         if error is not None:
@@ -828,9 +836,11 @@ class _Record:
     """One service's state within one run."""
 
     __slots__ = (
+        "abandoned",
         "crash",
         "error",
         "host_done",
+        "hosting",
         "service",
         "start_began",
         "start_deadline",
@@ -840,6 +850,7 @@ class _Record:
         "stop_began",
         "stop_ended",
         "stop_error",
+        "stop_late",
         "stop_limit",
         "value",
         "wake",
@@ -851,6 +862,7 @@ class _Record:
         self.value: Any = None
         self.started = False
         self.stop_limit = ""  # which limit bounds its cleanup, for the error if it is cut off
+        self.stop_late = False  # its cleanup began with no shutdown budget left
         # Events exist only where something waits on them: startup of a thousand services
         # should not pay for three thousand events.
         # Set when the host task has finished; the services it depends on wait for it.
@@ -864,6 +876,8 @@ class _Record:
         self.start_began: float | None = None
         self.start_ended: float | None = None
         self.start_deadline = math.inf  # on the loop's clock
+        self.hosting = False  # its host task is alive
+        self.abandoned = False  # shutdown stopped waiting for its host
         self.stop_began: float | None = None
         self.stop_ended: float | None = None
 
@@ -949,7 +963,7 @@ class _Run:
             # Cancelled from outside (or interrupted): roll back, then let it propagate.
             for record in self.records.values():
                 if record.state is ServiceState.STARTING:
-                    record.state = ServiceState.STOPPED
+                    record.state = ServiceState.CANCELLED
                     record.start_ended = self.now()
             await self._rollback()
             if observers:
@@ -991,7 +1005,7 @@ class _Run:
 
         cancelled = [n for n, r in self.records.items() if r.state is ServiceState.STARTING]
         for name in cancelled:
-            self.records[name].state = ServiceState.STOPPED
+            self.records[name].state = ServiceState.CANCELLED
             self.records[name].start_ended = self.now()
         rollback_errors = await self._rollback()
         error = _startup_error(failures, cancelled, list(self.stop_order), rollback_errors)
@@ -1092,6 +1106,7 @@ class _Run:
         if self.aborting:  # startup was abandoned since this start was launched
             raise _StartAborted
         self.hosts_alive += 1
+        record.hosting = True
         try:
             if observers:
                 observers.call("service_starting", service)
@@ -1127,6 +1142,7 @@ class _Run:
         finally:
             if record.host_done is not None:
                 record.host_done.set()
+            record.hosting = False
             self.hosts_alive -= 1
             if self.hosts_alive == 0 and self.hosts_done is not None:
                 self.hosts_done.set()
@@ -1298,8 +1314,8 @@ class _Run:
                     if scope.cancelled_caught:
                         # It reported started only after its deadline, shielded: say how long
                         # it took (the task group cancels it as the start is abandoned).
-                        late = self._overran(service, began, deadline) if reported else None
-                        raise late or self._start_timed_out(service)
+                        slow = self._overran(service, began, deadline) if reported else None
+                        raise slow or self._start_timed_out(service)
                     guard.shield = True
                     overran = self._overran(service, began, deadline)
                     if overran is not None:
@@ -1410,6 +1426,7 @@ class _Run:
             return own
         # What is left of the shutdown budget, part of it perhaps spent on its dependents.
         record.stop_limit = f"the shutdown_timeout of {self.kernel.shutdown_timeout}s"
+        record.stop_late = anyio.current_time() >= self.shutdown_deadline
         return self.shutdown_deadline
 
     def _stopped(self, record: _Record, *, timed_out: bool = False, overran: bool = False) -> None:
@@ -1419,14 +1436,23 @@ class _Run:
         itself and ran past the deadline.
         """
         service = record.service
+        if record.abandoned:
+            return  # shutdown went on without it; what it reported then stands
         record.stop_ended = self.now()
         took = record.stop_ended - (record.stop_began or record.stop_ended)
-        if timed_out and record.stop_error is None:
+        if timed_out and record.stop_error is None and record.stop_late:
+            # Its own cleanup did not overrun: the budget was gone before its turn came.
+            record.stop_error = TimeoutError(
+                f"Service {service.name!r} had no time left to clean up: {record.stop_limit} "
+                f"had run out before its turn came, spent on the services that depend on it, "
+                f"so its cleanup was cut off at its first await."
+            )
+        elif timed_out and record.stop_error is None:
             record.stop_error = TimeoutError(
                 f"Service {service.name!r} did not finish its cleanup within "
                 f"{record.stop_limit}; it was cut off."
             )
-        elif overran and record.stop_error is None:
+        elif overran and record.stop_error is None and not record.stop_late:
             record.stop_error = TimeoutError(
                 f"Service {service.name!r} took {took:.2f}s to clean up, past "
                 f"{record.stop_limit}: its cleanup shields itself from cancellation, so it "
@@ -1470,7 +1496,10 @@ class _Run:
                     record.wake.set()
             if self.hosts_alive:
                 self.hosts_done = anyio.Event()
-                await self.hosts_done.wait()
+                with anyio.move_on_at(self.abandon_at):
+                    await self.hosts_done.wait()
+        if self.hosts_alive:
+            self._abandon(started)
         errors: dict[str, BaseException] = {}
         for record in started:
             error = record.stop_error or record.crash
@@ -1493,6 +1522,39 @@ class _Run:
         if observers:
             observers.call("run_stopped", self.kernel, errors)
         return errors
+
+    @property
+    def abandon_at(self) -> float:
+        """When shutdown stops waiting for hosts that have not finished (loop clock)."""
+        return self.shutdown_deadline + ABANDON_GRACE
+
+    def _abandon(self, started: list[_Record]) -> None:
+        """Give up on the hosts still running past `abandon_at`, naming each of them."""
+        for record in started:
+            if not record.hosting:
+                continue
+            record.abandoned = True
+            record.state = ServiceState.FAILED
+            record.stop_ended = self.now()
+            if record.stop_began is None:
+                what = (
+                    "never began its cleanup: it waited for services depending on it that "
+                    "did not finish theirs"
+                )
+            else:
+                what = "was still running its cleanup"
+            record.stop_error = TimeoutError(
+                f"Service {record.service.name!r} {what} {ABANDON_GRACE}s past the "
+                f"shutdown_timeout of {self.kernel.shutdown_timeout}s, so shutdown went on "
+                f"without it: it shields itself from cancellation, blocks, or waits for a "
+                f"thread, which nothing can cut off. It is left to the process's exit."
+            )
+            logger.error(
+                "Service %r abandoned: %s",
+                record.service.name,
+                describe(record.stop_error),
+                extra={"service": record.service.name, "phase": "stop"},
+            )
 
     async def _rollback(self) -> dict[str, BaseException]:
         if not any(record.started for record in self.records.values()):
@@ -1530,6 +1592,76 @@ class _Run:
                 break
             chain.append(max(deps, key=lambda n: started[n].start_ended or 0.0))
         return tuple(reversed(chain))
+
+
+ABANDON_GRACE = 1.0
+"""Seconds past the shutdown deadline that shutdown still waits for a host to finish."""
+
+
+class _HostGroup:
+    """The task group the hosts run in, owned by a task of its own.
+
+    It is a task group like any other: `Kernel.run` waits for every host in it to finish.
+    The one exception is a host still running `ABANDON_GRACE` seconds past the shutdown
+    deadline, whose cleanup shields itself, blocks or waits for a thread: nothing can cut
+    that off, and a shutdown that waited for it would never end (an orchestrator would then
+    kill the process in the middle of every other cleanup). `Kernel.run` stops waiting and
+    leaves it to the process's exit; the group lives in a task of its own so that run's own
+    task can go on without it.
+    """
+
+    def __init__(self) -> None:
+        self.group: TaskGroup | None = None
+        self.opened = anyio.Event()
+        self.closing = anyio.Event()
+        self.done = anyio.Event()
+        self.error: BaseException | None = None
+
+    async def open(self) -> TaskGroup:
+        _spawn_owned(self._own)
+        await self.opened.wait()
+        assert self.group is not None
+        return self.group
+
+    async def close(self, abandon_at: float) -> BaseException | None:
+        """Wait for every host (until ``abandon_at``); return what the group raised, if any."""
+        self.closing.set()
+        with anyio.CancelScope(shield=True, deadline=abandon_at):
+            await self.done.wait()
+        return None if self.error is None else _unwrap(self.error)
+
+    async def _own(self) -> None:
+        try:
+            async with anyio.create_task_group() as group:
+                self.group = group
+                self.opened.set()
+                await self.closing.wait()
+        except BaseException as exc:  # reported by close(), in the task that runs the kernel
+            self.error = exc
+        finally:
+            self.opened.set()
+            self.done.set()
+
+
+_owned: set[Any] = set()  # strong references to the asyncio tasks of host groups
+
+
+def _spawn_owned(fn: Callable[[], Any]) -> None:
+    """Run ``fn`` in a task of its own on the running event loop (see `_HostGroup`)."""
+    trio = sys.modules.get("trio")
+    if trio is not None:
+        try:
+            trio.lowlevel.current_task()
+        except RuntimeError:
+            pass  # trio is imported, but this loop is asyncio's
+        else:
+            trio.lowlevel.spawn_system_task(fn)
+            return
+    import asyncio
+
+    task = asyncio.get_running_loop().create_task(fn())
+    _owned.add(task)
+    task.add_done_callback(_owned.discard)
 
 
 class _StartedReporter:

@@ -15,8 +15,9 @@ class ServiceState(enum.Enum):
 
     ``PENDING -> STARTING -> RUNNING -> STOPPING -> STOPPED``, with ``FAILED`` reachable from
     ``STARTING`` (the start raised or timed out), ``RUNNING`` (a long-running service crashed)
-    and ``STOPPING`` (the cleanup raised or timed out). A start cancelled because another
-    service failed ends ``STOPPED`` without having run.
+    and ``STOPPING`` (the cleanup raised or timed out). A start cancelled before it
+    completed (another service failed, startup was abandoned or cancelled from outside) ends
+    ``CANCELLED``: the service never ran, and nothing of it is cleaned up.
     """
 
     PENDING = "pending"
@@ -25,6 +26,7 @@ class ServiceState(enum.Enum):
     STOPPING = "stopping"
     STOPPED = "stopped"
     FAILED = "failed"
+    CANCELLED = "cancelled"
 
 
 class LifecycleState(enum.Enum):

@@ -451,7 +451,7 @@ async def test_failure_cancels_starts_in_progress() -> None:
     assert info.value.cancelled == ("slow",)
     assert set(info.value.failures) == {"broken"}
     assert "Cancelled while starting: 'slow'" in str(info.value)
-    assert lc.service_state("slow") is ServiceState.STOPPED
+    assert lc.service_state("slow") is ServiceState.CANCELLED
 
 
 async def test_outside_cancellation_during_startup_rolls_back_and_propagates() -> None:
@@ -476,7 +476,7 @@ async def test_outside_cancellation_during_startup_rolls_back_and_propagates() -
         tg.cancel_scope.cancel()
     assert log.of("stop") == ["a"]
     assert lc.state is LifecycleState.FAILED
-    assert lc.service_state("b") is ServiceState.STOPPED
+    assert lc.service_state("b") is ServiceState.CANCELLED  # it never ran
 
 
 # A start that completes without a checkpoint while startup is being abandoned: the service
@@ -1295,3 +1295,160 @@ async def test_no_start_begins_once_a_sibling_has_failed(delay: int) -> None:
                     async with lc.run():
                         pytest.fail("startup should not complete")
         assert ServiceState.FAILED not in seen
+
+
+# -- user code that does not cooperate ------------------------------------------------------
+#
+# Each of these blocks, shields itself, or ignores a cancellation; every promise of the
+# kernel (the shutdown bound, attribution, descriptions) holds anyway.
+
+ABANDON_GRACE = 1.0  # lifecycle._kernel.ABANDON_GRACE, the documented bound
+
+
+async def test_a_cleanup_shielded_for_good_is_abandoned_within_the_shutdown_bound() -> None:
+    lc = Lifecycle(shutdown_timeout=0.2)
+    release = anyio.Event()  # lets the abandoned cleanup end after the test has seen enough
+    cleaned: list[str] = []
+
+    @lc.service
+    async def base() -> AsyncIterator[str]:
+        yield "base"
+        cleaned.append("base")  # never reached while 'stuck' holds on
+
+    @lc.service
+    async def stuck(base: str) -> AsyncIterator[str]:
+        yield "stuck"
+        with anyio.CancelScope(shield=True):
+            await release.wait()
+
+    @lc.service
+    async def independent() -> AsyncIterator[str]:
+        yield "independent"
+        cleaned.append("independent")
+
+    began = anyio.current_time()
+    with anyio.fail_after(10), pytest.raises(ShutdownError) as info:
+        async with lc.run():
+            pass
+    took = anyio.current_time() - began
+    release.set()
+    assert took < 0.2 + ABANDON_GRACE + 0.5
+    assert set(info.value.errors) == {"stuck", "base"}
+    assert "'stuck' was still running its cleanup" in str(info.value)
+    assert "'base' never began its cleanup" in str(info.value)
+    assert "left to the process's exit" in str(info.value)
+    assert cleaned == ["independent"]
+    assert lc.service_state("stuck") is ServiceState.FAILED
+    await anyio.sleep(0.05)  # the abandoned host finishes on its own once released
+
+
+async def test_a_rollback_is_bounded_by_the_shutdown_timeout_too() -> None:
+    lc = Lifecycle(shutdown_timeout=0.2)
+    release = anyio.Event()
+
+    @lc.service
+    async def stuck() -> AsyncIterator[str]:
+        yield "stuck"
+        with anyio.CancelScope(shield=True):
+            await release.wait()
+
+    @lc.service
+    async def broken(stuck: str) -> AsyncIterator[str]:
+        await anyio.lowlevel.checkpoint()
+        raise ValueError("bad config")
+        yield "never"  # pragma: no cover
+
+    began = anyio.current_time()
+    with anyio.fail_after(10), pytest.raises(StartupError) as info:
+        async with lc.run():
+            pytest.fail("startup should not complete")  # pragma: no cover
+    took = anyio.current_time() - began
+    release.set()
+    assert took < 0.2 + ABANDON_GRACE + 0.5
+    assert "'stuck' was still running its cleanup" in str(info.value.rollback_errors["stuck"])
+    await anyio.sleep(0.05)
+
+
+async def test_only_the_cleanup_that_overran_is_blamed() -> None:
+    """A dependent shields its cleanup past the budget; its dependencies, whose turn came
+    after the budget was gone, are not said to have overrun."""
+    lc = Lifecycle(shutdown_timeout=0.1)
+
+    @lc.service
+    async def quick() -> AsyncIterator[str]:
+        yield "quick"  # its cleanup does not await: it completes although the budget is gone
+
+    @lc.service
+    async def awaiting() -> AsyncIterator[str]:
+        yield "awaiting"
+        await anyio.sleep(1)  # cut off: no time was left for it
+
+    @lc.service
+    async def slow(quick: str, awaiting: str) -> AsyncIterator[str]:
+        yield "slow"
+        with anyio.CancelScope(shield=True):
+            await anyio.sleep(0.3)
+
+    with anyio.fail_after(10), pytest.raises(ShutdownError) as info:
+        async with lc.run():
+            pass
+    assert set(info.value.errors) == {"slow", "awaiting"}
+    assert re.search(
+        r"'slow' took 0\.\d\ds to clean up, past the shutdown_timeout", str(info.value)
+    )
+    assert "'awaiting' had no time left to clean up" in str(info.value)
+    assert "'awaiting' took" not in str(info.value)
+    assert lc.service_state("quick") is ServiceState.STOPPED
+
+
+class Unprintable(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("postgresql://user:secret@db/app")
+
+
+async def test_an_exception_whose_str_raises_is_still_described() -> None:
+    lc = Lifecycle()
+
+    @lc.service
+    async def db() -> AsyncIterator[str]:
+        raise Unprintable
+        yield "never"  # pragma: no cover
+
+    with pytest.raises(StartupError) as info:
+        async with lc.run():
+            pytest.fail("startup should not complete")  # pragma: no cover
+    assert "service 'db' raised Unprintable (its message could not be read" in str(info.value)
+    assert "secret" not in str(info.value)
+    assert isinstance(info.value.failures["db"], Unprintable)
+
+
+async def test_a_raising_observer_is_detached_and_never_fails_a_service(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    lc = Lifecycle()
+    seen: list[str] = []
+
+    class Broken:
+        def service_started(self, service: Any) -> None:
+            raise RuntimeError("observer bug")
+
+    class Fine:
+        def service_started(self, service: Any) -> None:
+            seen.append(service.name)
+
+    broken, fine = Broken(), Fine()
+    lc.observers.add(broken)
+    lc.observers.add(fine)
+    simple(lc, Log(), "a")
+    simple(lc, Log(), "b", "a")
+
+    with caplog.at_level(logging.ERROR, logger="lifecycle.observers"):
+        async with lc.run() as services:
+            assert set(services) == {"a", "b"}
+    assert broken not in lc.observers
+    assert fine in lc.observers
+    assert seen == ["a", "b"]  # the others go on being called
+    assert [r.getMessage() for r in caplog.records].count(
+        f"Observer {broken!r} raised RuntimeError: observer bug from service_started(); it is "
+        "detached; what it watched goes on unobserved."
+    ) == 1

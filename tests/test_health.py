@@ -1033,3 +1033,33 @@ async def test_healthz_shows_the_timeline_only_with_details() -> None:
     assert any(line.split("|")[0].strip() == "db" for line in timeline[1:])
     assert shown.headers["content-type"] == "application/health+json"
     assert shown.headers["cache-control"] == "no-store"
+
+
+async def test_a_check_stuck_in_a_thread_does_not_hold_up_shutdown() -> None:
+    """The check waits for a thread that nothing can cut off; shutdown gives up on it within
+    its bound, names it, and leaves the thread to the process's exit."""
+    lc = Lifecycle(shutdown_timeout=0.3)
+    release = threading.Event()
+    entered = threading.Event()
+
+    def blocking_ping() -> None:
+        entered.set()
+        release.wait(10)
+
+    @lc.health_check(interval=0.05, timeout=0.05)
+    async def database() -> None:
+        await anyio.to_thread.run_sync(blocking_ping)
+
+    began = 0.0
+    try:
+        with anyio.fail_after(10), pytest.raises(lifecycle.ShutdownError) as info:
+            async with lc.run():
+                await anyio.to_thread.run_sync(entered.wait, 5)
+                began = anyio.current_time()
+        took = anyio.current_time() - began
+    finally:
+        release.set()
+    assert took < 0.3 + 1.0 + 0.5  # shutdown_timeout + the abandon grace + slack
+    assert set(info.value.errors) == {"health:database"}
+    assert "left to the process's exit" in str(info.value)
+    await anyio.sleep(0.1)  # the released thread and its check end on their own

@@ -164,4 +164,4 @@ async def test_lifespan_client_startup_timeout_raises_a_plain_timeout_error() ->
         async with lifespan_client(app, startup_timeout=0.2):
             pytest.fail("startup should not complete")  # pragma: no cover
     assert stopped == ["first"]  # what had started was rolled back
-    assert lc.service_state("hangs") is ServiceState.STOPPED
+    assert lc.service_state("hangs") is ServiceState.CANCELLED
