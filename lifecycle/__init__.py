@@ -43,7 +43,9 @@ from ._health import HealthStatus as HealthStatus
 from ._workers import BackgroundStatistics as BackgroundStatistics
 from ._workers import BackgroundTask as BackgroundTask
 from ._workers import PeriodicJob as PeriodicJob
+from ._workers import PeriodicState as PeriodicState
 from ._workers import PeriodicStatistics as PeriodicStatistics
+from ._workers import PoolState as PoolState
 from ._workers import SupervisorState as SupervisorState
 from ._workers import WorkerPool as WorkerPool
 from ._workers import WorkerStatistics as WorkerStatistics

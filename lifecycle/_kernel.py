@@ -634,6 +634,11 @@ class Kernel:
         self._set_state(LifecycleState.STARTING)
 
     def _set_state(self, state: LifecycleState) -> None:
+        if state is not self._state and state not in _RUN_MOVES[self._state]:
+            raise RuntimeError(
+                f"A Lifecycle that is {self._state.value} cannot become {state.value}: "
+                f"{_RUN_MOVES_WHY[state]}"
+            )
         self._state = state
         event, self._state_changed = self._state_changed, None
         if event is not None:
@@ -646,6 +651,24 @@ class Kernel:
 # -- declaration and validation -----------------------------------------------------------
 
 _ACTIVE = (LifecycleState.STARTING, LifecycleState.RUNNING, LifecycleState.STOPPING)
+
+# The run's state machine: from each state, the states it may move to.
+_RUN_MOVES: dict[LifecycleState, set[LifecycleState]] = {
+    LifecycleState.IDLE: {LifecycleState.STARTING},
+    LifecycleState.STARTING: {LifecycleState.RUNNING, LifecycleState.FAILED},
+    LifecycleState.RUNNING: {LifecycleState.STOPPING},
+    LifecycleState.STOPPING: {LifecycleState.STOPPED, LifecycleState.FAILED},
+    LifecycleState.STOPPED: {LifecycleState.STARTING},
+    LifecycleState.FAILED: {LifecycleState.STARTING},
+}
+_RUN_MOVES_WHY = {
+    LifecycleState.IDLE: "a Lifecycle is idle only before its first run.",
+    LifecycleState.STARTING: "a run starts only once the previous one has ended.",
+    LifecycleState.RUNNING: "only a starting run can become running.",
+    LifecycleState.STOPPING: "only a running Lifecycle stops.",
+    LifecycleState.STOPPED: "a run ends only from stopping.",
+    LifecycleState.FAILED: "a run fails only while it starts or stops.",
+}
 
 
 def _service_form(fn: Callable[..., Any], name: str | None) -> tuple[str, ServiceForm]:

@@ -44,7 +44,9 @@ __all__ = [
     "BackgroundStatistics",
     "BackgroundTask",
     "PeriodicJob",
+    "PeriodicState",
     "PeriodicStatistics",
+    "PoolState",
     "SupervisorState",
     "WorkerPool",
     "WorkerStatistics",
@@ -57,8 +59,66 @@ logger = logging.getLogger("lifecycle.workers")
 
 Overflow = Literal["wait", "reject"]
 
-_NOT_STARTED = "it has not started: the app's lifespan starts it"
-_STOPPED = "the app has stopped"
+
+class PoolState(enum.Enum):
+    """Where a worker pool is: ``PENDING -> RUNNING -> DRAINING -> STOPPED``, then again.
+
+    Only a ``RUNNING`` pool accepts jobs; submitting in any other state raises `PoolClosed`
+    saying why.
+    """
+
+    PENDING = "pending"  # declared; the app's lifespan has not started it
+    RUNNING = "running"  # accepting and running jobs
+    DRAINING = "draining"  # intake closed: the queue drains within the drain deadline
+    STOPPED = "stopped"  # every accepted job completed, failed or was reported abandoned
+
+
+_CLOSED_BECAUSE = {
+    PoolState.PENDING: "it has not started: the app's lifespan starts it",
+    PoolState.DRAINING: "it is draining because the app is shutting down",
+    PoolState.STOPPED: "the app has stopped",
+}
+
+_POOL_MOVES: dict[PoolState, dict[PoolState, str]] = {
+    # For each state, the states it may not move to, with why.
+    PoolState.PENDING: {
+        PoolState.DRAINING: "cannot drain: it never started",
+        PoolState.PENDING: "is already pending",
+    },
+    PoolState.RUNNING: {
+        PoolState.RUNNING: "cannot start: it is running already (one run at a time)",
+        PoolState.PENDING: "cannot be reset while it runs",
+    },
+    PoolState.DRAINING: {
+        PoolState.RUNNING: "cannot start while it drains",
+        PoolState.DRAINING: "is draining already",
+        PoolState.PENDING: "cannot be reset while it drains",
+    },
+    PoolState.STOPPED: {
+        PoolState.DRAINING: "cannot drain: it has stopped",
+        PoolState.STOPPED: "has stopped already",
+    },
+}
+
+
+class PeriodicState(enum.Enum):
+    """Where a periodic job is: ``PENDING -> WAITING <-> RUNNING -> STOPPING -> STOPPED``."""
+
+    PENDING = "pending"  # declared; the app's lifespan has not started it
+    WAITING = "waiting"  # between runs
+    RUNNING = "running"  # a run is in progress
+    STOPPING = "stopping"  # the app stops: a run in progress may finish, no new one starts
+    STOPPED = "stopped"
+
+
+_PERIODIC_MOVES: dict[PeriodicState, set[PeriodicState]] = {
+    # For each state, the states it may move to.
+    PeriodicState.PENDING: {PeriodicState.WAITING, PeriodicState.STOPPED},
+    PeriodicState.WAITING: {PeriodicState.RUNNING, PeriodicState.STOPPING},
+    PeriodicState.RUNNING: {PeriodicState.WAITING, PeriodicState.STOPPING},
+    PeriodicState.STOPPING: {PeriodicState.STOPPED},
+    PeriodicState.STOPPED: {PeriodicState.WAITING},
+}
 # At most this much of the pool's stop deadline is kept for jobs cancelled at the end of
 # the drain to unwind (a tenth of the time left, when that is less).
 _UNWIND_MARGIN = 1.0
@@ -144,6 +204,7 @@ class WorkerStatistics:
 
     Attributes:
         name: The pool's name.
+        state: Where the pool is (only a running pool accepts jobs).
         concurrency: How many jobs may run at once.
         queue_size: How many accepted jobs may wait.
         queued: Jobs accepted and waiting.
@@ -161,6 +222,7 @@ class WorkerStatistics:
     """
 
     name: str
+    state: PoolState
     concurrency: int
     queue_size: int
     queued: int
@@ -281,7 +343,7 @@ class WorkerPool(Generic[J, R]):
         self._deps: dict[str, Any] = {}
         self._send: MemoryObjectSendStream[_Job] | None = None
         self._receive: MemoryObjectReceiveStream[_Job] | None = None
-        self._closed_reason = _NOT_STARTED
+        self.state = PoolState.PENDING
         # What ends the drain early, for the abandoned jobs' reasons: set when it begins.
         self._cut_off = "the drain_timeout ran out"
         self._blocked: set[anyio.CancelScope] = set()
@@ -318,7 +380,8 @@ class WorkerPool(Generic[J, R]):
     def _intake(self) -> MemoryObjectSendStream[_Job]:
         if self._send is None:
             raise PoolClosed(
-                f"Worker pool {self.name!r} is not accepting jobs: {self._closed_reason}."
+                f"Worker pool {self.name!r} is not accepting jobs: "
+                f"{_CLOSED_BECAUSE.get(self.state, 'it is not running')}."
             )
         return self._send
 
@@ -409,7 +472,7 @@ class WorkerPool(Generic[J, R]):
                 self._blocked.discard(scope)
         raise PoolClosed(
             f"Worker pool {self.name!r} stopped accepting jobs while this one waited for "
-            f"room: {self._closed_reason}."
+            f"room: {_CLOSED_BECAUSE.get(self.state, 'it is not running')}."
         )
 
     def _count(self, item: _Job) -> None:
@@ -421,7 +484,6 @@ class WorkerPool(Generic[J, R]):
 
     async def _serve(self, deps: dict[str, Any]) -> AsyncIterator[WorkerPool[J, R]]:
         self._reset_counters()
-        self._closed_reason = _NOT_STARTED  # not the "stopped" a previous run left
         self._cut_off = "the drain_timeout ran out"
         self._observer = job_observer(self.service.lifecycle, self)
         self._deps = deps
@@ -437,6 +499,7 @@ class WorkerPool(Generic[J, R]):
                     for _ in range(self.concurrency):
                         workers.start_soon(self._worker, receive.clone())
                     self._send = send
+                    self._enter(PoolState.RUNNING)
                     try:
                         yield self
                     finally:
@@ -444,7 +507,7 @@ class WorkerPool(Generic[J, R]):
                         # get PoolClosed. Then the workers drain the queue and end on their
                         # own (the task group waits for them) unless the drain deadline
                         # passes.
-                        self._closed_reason = "it is draining because the app is shutting down"
+                        self._enter(PoolState.DRAINING)
                         self._send = None
                         for scope in list(self._blocked):
                             scope.cancel()
@@ -467,7 +530,7 @@ class WorkerPool(Generic[J, R]):
             # the pool off, what is still queued is abandoned and reported. This runs without
             # awaiting anything, so that no cancellation can skip it.
             leftover = self._abandon_queued(receive)
-            self._closed_reason = _STOPPED
+            self._enter(PoolState.STOPPED)
             self._receive = None
             if drained:
                 logger.debug(
@@ -640,12 +703,19 @@ class WorkerPool(Generic[J, R]):
 
     # -- inspecting -----------------------------------------------------------------------
 
+    def _enter(self, state: PoolState) -> None:
+        why = _POOL_MOVES[self.state].get(state)
+        if why is not None:
+            raise RuntimeError(f"Worker pool {self.name!r} {why}.")
+        self.state = state
+
     def statistics(self) -> WorkerStatistics:
-        """A frozen snapshot of the pool's counters."""
+        """A frozen snapshot of the pool's state and counters."""
         receive = self._receive
         queued = 0 if receive is None else receive.statistics().current_buffer_used
         return WorkerStatistics(
             name=self.name,
+            state=self.state,
             concurrency=self.concurrency,
             queue_size=self.queue_size,
             queued=queued,
@@ -914,6 +984,7 @@ class PeriodicStatistics:
 
     Attributes:
         name: The job's name.
+        state: Where the job is.
         runs: Runs started.
         failures: Runs that raised.
         timeouts: Runs cut off by the job's timeout.
@@ -923,6 +994,7 @@ class PeriodicStatistics:
     """
 
     name: str
+    state: PeriodicState
     runs: int
     failures: int
     timeouts: int
@@ -962,6 +1034,7 @@ class PeriodicJob:
         self.timeout = timeout
         self.first_run = first_run
         self._observer: TaskObserver | None = None  # metrics and tracing (_observe.py)
+        self.state = PeriodicState.PENDING
         self._reset()
         self.service = lifecycle.declare(
             _service_function(self._serve, list(targets)),
@@ -982,21 +1055,33 @@ class PeriodicJob:
         self._last_duration: float | None = None
         self._last_error: str | None = None
         self._idle: anyio.Event | None = None
-        self._stopping = False
+
+    def _enter(self, state: PeriodicState) -> None:
+        if state not in _PERIODIC_MOVES[self.state]:
+            raise RuntimeError(
+                f"Periodic job {self.name!r} cannot go from {self.state.value} to {state.value}."
+            )
+        self.state = state
 
     async def _serve(self, deps: dict[str, Any]) -> AsyncIterator[PeriodicJob]:
         self._reset()
         self._observer = task_observer(self.service.lifecycle, "periodic_job", self)
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(self._loop, deps)
-            yield self
-            # Let a run in progress finish (within the service's stop deadline), then stop;
-            # the loop starts no new run meanwhile.
-            self._stopping = True
-            if self._running:
-                self._idle = anyio.Event()
-                await self._idle.wait()
-            tg.cancel_scope.cancel()
+        try:
+            async with anyio.create_task_group() as tg:
+                self._enter(PeriodicState.WAITING)
+                tg.start_soon(self._loop, deps)
+                yield self
+                # Let a run in progress finish (within the service's stop deadline), then
+                # stop; the loop starts no new run meanwhile.
+                self._enter(PeriodicState.STOPPING)
+                if self._running:
+                    self._idle = anyio.Event()
+                    await self._idle.wait()
+                tg.cancel_scope.cancel()
+        finally:
+            if self.state in (PeriodicState.WAITING, PeriodicState.RUNNING):
+                self._enter(PeriodicState.STOPPING)  # cut short (a failure, a cancellation)
+            self._enter(PeriodicState.STOPPED)
 
     async def _loop(self, deps: dict[str, Any]) -> None:
         next_at = anyio.current_time() + (0.0 if self.first_run == "now" else self.every)
@@ -1005,8 +1090,8 @@ class PeriodicJob:
             if self.jitter:
                 wait += random.uniform(0, self.jitter)  # noqa: S311 - jitter
             await anyio.sleep(max(0.0, wait))
-            if self._stopping:
-                return
+            if self.state is not PeriodicState.WAITING:
+                return  # stopping
             await self._run_once(deps)
             # Missed periods (a run longer than the period) are skipped, never bunched up.
             next_at = max(next_at + self.every, anyio.current_time())
@@ -1014,6 +1099,7 @@ class PeriodicJob:
     async def _run_once(self, deps: dict[str, Any]) -> None:
         self._runs += 1
         self._running = True
+        self._enter(PeriodicState.RUNNING)
         began = anyio.current_time()
         try:
             # A scope of its own, so that only its cancellation counts as the job's timeout,
@@ -1039,6 +1125,8 @@ class PeriodicJob:
                 )
         finally:
             self._running = False
+            if self.state is PeriodicState.RUNNING:
+                self._enter(PeriodicState.WAITING)
             self._last_duration = anyio.current_time() - began
             if self._idle is not None:
                 self._idle.set()
@@ -1058,6 +1146,7 @@ class PeriodicJob:
         """A frozen snapshot of the job's counters."""
         return PeriodicStatistics(
             name=self.name,
+            state=self.state,
             runs=self._runs,
             failures=self._failures,
             timeouts=self._timeouts,

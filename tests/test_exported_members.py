@@ -15,7 +15,7 @@ DOCUMENTED = {
     "QueueFull", "QueueEmpty", "PoolClosed", "JobAbandoned", "DeadlineExceeded",
     # background work
     "WorkerPool", "WorkerStatistics", "BackgroundTask", "BackgroundStatistics",
-    "SupervisorState", "PeriodicJob", "PeriodicStatistics",
+    "SupervisorState", "PeriodicJob", "PeriodicStatistics", "PoolState", "PeriodicState",
     # health
     "HealthStatus", "CheckResult", "ComponentHealth", "HealthReport", "HealthCheck",
     "HealthCheckStatistics", "HealthMonitor", "HEALTH_JSON",

@@ -16,11 +16,14 @@ import anyio
 import anyio.from_thread
 import anyio.lowlevel
 import pytest
+from anyio import wait_all_tasks_blocked
 
 from lifecycle import (
     JobAbandoned,
     Lifecycle,
+    PeriodicState,
     PoolClosed,
+    PoolState,
     QueueFull,
     SupervisorState,
 )
@@ -984,3 +987,75 @@ async def test_sync_jobs_submitted_in_a_request_do_not_see_its_deadline() -> Non
     assert seen["app"] is None
     assert isinstance(seen["request"], float)
     assert 20 < seen["request"] <= 30
+
+
+async def test_a_pool_reports_each_state_of_its_life() -> None:
+    lc = Lifecycle()
+    release = anyio.Event()
+
+    @lc.worker(concurrency=1)
+    async def work(job: int) -> None:
+        await release.wait()
+
+    stopping = anyio.Event()
+
+    class PoolStops:
+        def service_stopping(self, service: Any) -> None:
+            if service is work.service:
+                stopping.set()  # its cleanup, which begins the drain, runs next
+
+    lc.observers.add(PoolStops())
+
+    async def release_once_draining() -> None:
+        await stopping.wait()
+        assert work.statistics().state is PoolState.DRAINING
+        with pytest.raises(PoolClosed, match="it is draining"):
+            work.submit_nowait(2)
+        release.set()
+
+    assert work.statistics().state is PoolState.PENDING
+    with pytest.raises(PoolClosed, match="it has not started"):
+        work.submit_nowait(1)
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg, lc.run():
+            assert work.statistics().state is PoolState.RUNNING
+            await work.submit(1)
+            tg.start_soon(release_once_draining)
+            # Leaving the run drains the pool: the job finishes once released.
+    assert work.statistics().state is PoolState.STOPPED
+    assert work.statistics().completed == 1
+    with pytest.raises(PoolClosed, match="the app has stopped"):
+        work.submit_nowait(3)
+
+
+def test_a_pool_refuses_an_illegal_move_with_a_reason() -> None:
+    lc = Lifecycle()
+
+    @lc.worker
+    async def work(job: int) -> None:
+        pass
+
+    with pytest.raises(RuntimeError, match="Worker pool 'work' cannot drain: it never started"):
+        work._enter(PoolState.DRAINING)
+
+
+async def test_a_periodic_job_reports_each_state_of_its_life() -> None:
+    lc = Lifecycle()
+    running = anyio.Event()
+    release = anyio.Event()
+
+    @lc.periodic(every=0.01, first_run="now")
+    async def tick() -> None:
+        running.set()
+        await release.wait()
+
+    assert tick.statistics().state is PeriodicState.PENDING
+    async with lc.run():
+        await running.wait()
+        assert tick.statistics().state is PeriodicState.RUNNING
+        release.set()
+        await wait_all_tasks_blocked()  # the run has ended; the job waits for the next
+        assert tick.statistics().state is PeriodicState.WAITING
+    assert tick.statistics().state is PeriodicState.STOPPED
+    with pytest.raises(RuntimeError, match="cannot go from stopped to running"):
+        tick._enter(PeriodicState.RUNNING)
