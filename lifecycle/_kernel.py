@@ -29,7 +29,8 @@ import logging
 import math
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+import types
+from collections.abc import AsyncIterator, Callable, Generator, Iterator, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar, cast, overload
@@ -860,10 +861,12 @@ class _Record:
 
     __slots__ = (
         "abandoned",
+        "busy",
         "crash",
         "error",
         "host_done",
         "hosting",
+        "mark",
         "service",
         "start_began",
         "start_deadline",
@@ -871,6 +874,7 @@ class _Record:
         "started",
         "state",
         "stop_began",
+        "stop_deadline",
         "stop_ended",
         "stop_error",
         "stop_late",
@@ -900,6 +904,9 @@ class _Record:
         self.start_ended: float | None = None
         self.start_deadline = math.inf  # on the loop's clock
         self.hosting = False  # its host task is alive
+        self.busy = 0.0  # seconds its own code held the event loop (see `_metered`)
+        self.mark = (0.0, 0.0)  # the run's and its own busy time as its current phase began
+        self.stop_deadline = math.inf  # on the loop's clock
         self.abandoned = False  # shutdown stopped waiting for its host
         self.stop_began: float | None = None
         self.stop_ended: float | None = None
@@ -919,6 +926,7 @@ class _Run:
             name: len(set(service.depends.values())) for name, service in plan.services.items()
         }
         self.hosts_alive = 0
+        self.busy = 0.0  # seconds services' own code held the event loop, all together
         self.hosts_done: anyio.Event | None = None
         # The scopes that can cancel the starts in progress, and whether startup is being
         # abandoned (see `start`).
@@ -1152,7 +1160,7 @@ class _Run:
                     del self.starting[record]
             if abortable.cancelled_caught and not record.started:
                 if anyio.current_time() >= record.start_deadline and not self.aborting:
-                    raise self._start_timed_out(service)  # its own deadline, not an abort
+                    raise self._start_timed_out(record)  # its own deadline, not an abort
                 if observers and cancelled is not None:
                     observers.call("service_start_failed", service, cancelled)
                 raise _StartAborted
@@ -1174,21 +1182,36 @@ class _Run:
         timeout = service.start_timeout
         return math.inf if timeout is None else anyio.current_time() + timeout
 
-    def _start_timed_out(self, service: Service[Any]) -> TimeoutError:
-        return TimeoutError(
+    def _start_timed_out(self, record: _Record) -> TimeoutError:
+        service = record.service
+        error = TimeoutError(
             f"Service {service.name!r} did not start within its start_timeout of "
             f"{service.start_timeout}s."
         )
+        self._held_the_loop_note(record, error)
+        return error
 
-    def _overran(self, service: Service[Any], began: float, deadline: float) -> TimeoutError | None:
+    def _overran(self, record: _Record, began: float, deadline: float) -> TimeoutError | None:
         """The error of a start that completed past its own deadline or the startup budget.
 
         A start can only be cut off where it awaits; one that blocked the event loop or
         shielded itself past its deadline completes all the same, and must not count as
-        started (its host scope may already be cancelled, and the budget was not kept).
+        started (its host scope may already be cancelled, and the budget was not kept). A
+        start whose deadline passed only because other services' code held the event loop
+        meanwhile is not to blame, and counts as started.
         """
+        service = record.service
         now = anyio.current_time()
         if now <= deadline and now <= self.startup_deadline:
+            return None
+        if self._blocked_by_others(record) >= now - min(deadline, self.startup_deadline):
+            logger.warning(
+                "Service %r started past its deadline only because other services' code held "
+                "the event loop meanwhile (%.3fs); it counts as started.",
+                service.name,
+                self._blocked_by_others(record),
+                extra={"service": service.name, "phase": "start"},
+            )
             return None
         limit = (
             f"its start_timeout of {service.start_timeout}s"
@@ -1201,6 +1224,24 @@ class _Run:
             f"itself), so it could not be cut off. What it started was cleaned up again."
         )
 
+    def _mark(self, record: _Record) -> None:
+        """Note how long services' own code has held the loop, as a phase of ``record`` begins."""
+        record.mark = (self.busy, record.busy)
+
+    def _blocked_by_others(self, record: _Record) -> float:
+        """Seconds other services' own code held the event loop since ``record``'s mark."""
+        run_then, own_then = record.mark
+        return (self.busy - run_then) - (record.busy - own_then)
+
+    def _held_the_loop_note(self, record: _Record, error: BaseException) -> None:
+        others = self._blocked_by_others(record)
+        if others > 0.01:
+            error.add_note(
+                f"Other services' own code held the event loop for {others:.3f}s meanwhile, "
+                f"which delayed {record.service.name!r} past its deadline; see the service "
+                f"that blocked."
+            )
+
     def _cleanup_overran_start(self, error: TimeoutError, cleanup: BaseException | None) -> None:
         if cleanup is not None:
             error.add_note(f"Its cleanup then failed: {describe(cleanup)}")
@@ -1212,6 +1253,7 @@ class _Run:
         hooks = self.kernel.hooks
         agen = cast(Any, service.fn(**kwargs))
         began = anyio.current_time()
+        self._mark(record)
         # The start deadline is the deadline of the abortable scope around the host's whole
         # life (see `_host`), not of the guard: a start that completes just as the deadline
         # cancels it must find its guard uncancelled, so that its cleanup can still run.
@@ -1229,7 +1271,7 @@ class _Run:
             try:
                 if hooks is not None:
                     await hooks.before_start(service.name)
-                value = await agen.__anext__()
+                value = await _metered(agen.__anext__(), self, record)
             except StopAsyncIteration:
                 raise RuntimeError(
                     f"Service {service.name!r} finished without yielding its value; an async "
@@ -1237,20 +1279,21 @@ class _Run:
                 ) from None
             except Exception as exc:
                 if abortable.cancel_called and anyio.current_time() >= deadline:
-                    raise self._start_timed_out(service) from exc
+                    raise self._start_timed_out(record) from exc
                 raise
             guard.shield = True
             abortable.deadline = math.inf
-            overran = self._overran(service, began, deadline)
+            overran = self._overran(record, began, deadline)
             if overran is None:
                 self._running(record, value)
                 task_status.started(value)
                 await self._wait_for_stop(record)
                 guard.deadline = self._begin_stop(record)
+                self._mark(record)
             elif service.stop_timeout is not None:
                 guard.deadline = anyio.current_time() + service.stop_timeout
             try:
-                await agen.__anext__()
+                await _metered(agen.__anext__(), self, record)
             except StopAsyncIteration:
                 pass
             except Exception as exc:
@@ -1310,7 +1353,7 @@ class _Run:
             try:
                 if hooks is not None:
                     await hooks.before_start(service.name)
-                await service.fn(**kwargs, task_status=reporter)
+                await _metered(service.fn(**kwargs, task_status=reporter), self, record)
                 if not reporter.reported:
                     raise RuntimeError(
                         f"Service {service.name!r} returned without calling "
@@ -1326,21 +1369,22 @@ class _Run:
             with guard:
                 async with anyio.create_task_group() as inner:
                     began = anyio.current_time()
+                    self._mark(record)
                     deadline = record.start_deadline = self._start_deadline(service)
                     with anyio.CancelScope(deadline=deadline) as scope:
                         try:
                             value = await inner.start(run_service)
                         except Exception as exc:
                             if scope.cancel_called:
-                                raise self._start_timed_out(service) from exc
+                                raise self._start_timed_out(record) from exc
                             raise
                     if scope.cancelled_caught:
                         # It reported started only after its deadline, shielded: say how long
                         # it took (the task group cancels it as the start is abandoned).
-                        slow = self._overran(service, began, deadline) if reported else None
-                        raise slow or self._start_timed_out(service)
+                        slow = self._overran(record, began, deadline) if reported else None
+                        raise slow or self._start_timed_out(record)
                     guard.shield = True
-                    overran = self._overran(service, began, deadline)
+                    overran = self._overran(record, began, deadline)
                     if overran is not None:
                         # Cancel it, as at a stop, within its own stop_timeout.
                         if service.stop_timeout is not None:
@@ -1355,6 +1399,7 @@ class _Run:
                         # Stopping a long-running service means cancelling it; its own
                         # finally blocks run under that cancellation.
                         stop_deadline = self._begin_stop(record)
+                        self._mark(record)
                         inner.cancel_scope.cancel()
         except Exception as exc:
             error = _unwrap(exc)
@@ -1446,7 +1491,9 @@ class _Run:
             own = anyio.current_time() + service.stop_timeout
         if own <= self.shutdown_deadline:
             record.stop_limit = f"its stop_timeout of {service.stop_timeout}s"
+            record.stop_deadline = own
             return own
+        record.stop_deadline = self.shutdown_deadline
         # What is left of the shutdown budget, part of it perhaps spent on its dependents.
         record.stop_limit = f"the shutdown_timeout of {self.kernel.shutdown_timeout}s"
         record.stop_late = anyio.current_time() >= self.shutdown_deadline
@@ -1475,7 +1522,13 @@ class _Run:
                 f"Service {service.name!r} did not finish its cleanup within "
                 f"{record.stop_limit}; it was cut off."
             )
-        elif overran and record.stop_error is None and not record.stop_late:
+            self._held_the_loop_note(record, record.stop_error)
+        elif (
+            overran
+            and record.stop_error is None
+            and not record.stop_late
+            and self._blocked_by_others(record) < anyio.current_time() - record.stop_deadline
+        ):
             record.stop_error = TimeoutError(
                 f"Service {service.name!r} took {took:.2f}s to clean up, past "
                 f"{record.stop_limit}: its cleanup shields itself from cancellation, so it "
@@ -1615,6 +1668,41 @@ class _Run:
                 break
             chain.append(max(deps, key=lambda n: started[n].start_ended or 0.0))
         return tuple(reversed(chain))
+
+
+@types.coroutine
+def _metered(step: Any, run: _Run, record: _Record) -> Generator[Any, Any, Any]:
+    """Drive the awaitable ``step`` of a service's own code, timing each of its steps.
+
+    What it yields goes straight to the event loop, and what the loop sends (or throws) goes
+    straight back: only the time spent inside the service's code is added up, on the record
+    and on the run. That is how a start or cleanup that overran its deadline because another
+    service blocked the event loop is told from the one that blocked it.
+    """
+    send: Any = None
+    error: BaseException | None = None
+    clock = time.perf_counter
+    while True:
+        began = clock()
+        try:
+            yielded = step.send(send) if error is None else step.throw(error)
+        except StopIteration as stop:
+            spent = clock() - began
+            record.busy += spent
+            run.busy += spent
+            return stop.value
+        except BaseException:
+            spent = clock() - began
+            record.busy += spent
+            run.busy += spent
+            raise
+        spent = clock() - began
+        record.busy += spent
+        run.busy += spent
+        try:
+            send, error = (yield yielded), None
+        except BaseException as exc:  # delivered into the service's code, which decides
+            send, error = None, exc
 
 
 ABANDON_GRACE = 1.0
