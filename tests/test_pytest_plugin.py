@@ -168,6 +168,20 @@ async def test_lifecycle_clock_times_a_supervisors_backoff(
     assert time.monotonic() - real_start < 10.0
 
 
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    "lifecycle_client_options",
+    [{"client_options": {"headers": {"x-from": "options"}}, "startup_timeout": 1.0}],
+)
+async def test_lifecycle_client_options_reach_lifespan_client(
+    lifecycle_client: object,
+) -> None:
+    import httpx
+
+    assert isinstance(lifecycle_client, httpx.AsyncClient)
+    assert lifecycle_client.headers["x-from"] == "options"
+
+
 # -- what the plugin does in a project of its own --------------------------------------------
 
 
@@ -222,3 +236,34 @@ def test_lifecycle_clock_with_a_parametrized_backend_is_refused(
     result = pytester.runpytest_inprocess()
     result.assert_outcomes(errors=1)
     result.stdout.fnmatch_lines(["*requests lifecycle_clock*drop one of the two*"])
+
+
+def test_a_shutdown_failure_fails_the_test_at_teardown(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        from contextlib import asynccontextmanager
+
+        import pytest
+        from starlette.applications import Starlette
+
+
+        @asynccontextmanager
+        async def lifespan(app):
+            yield
+            raise OSError("flush failed")
+
+
+        @pytest.fixture
+        def lifecycle_app():
+            return Starlette(lifespan=lifespan)
+
+
+        @pytest.mark.parametrize("anyio_backend", ["asyncio"])
+        @pytest.mark.anyio
+        async def test_it(lifecycle_client):
+            assert (await lifecycle_client.get("/missing")).status_code == 404
+        """
+    )
+    result = pytester.runpytest_inprocess()
+    result.assert_outcomes(passed=1, errors=1)
+    result.stdout.fnmatch_lines(["*ERROR at teardown of test_it*", "*OSError: flush failed*"])
