@@ -51,7 +51,7 @@ DEFAULT_STARTUP_TIMEOUT = 5.0
 DEFAULT_SHUTDOWN_TIMEOUT = 5.0
 """Seconds `lifespan_client` waits for the app's shutdown by default."""
 
-LifespanMode = Literal["on", "auto", "off"]
+_LifespanMode = Literal["on", "auto", "off"]
 _MODES = ("on", "auto", "off")
 # What lifespan_client sets on the httpx client itself; passing them again would be ambiguous.
 _RESERVED_CLIENT_OPTIONS = frozenset({"app", "transport", "base_url"})
@@ -74,7 +74,7 @@ def lifespan_client(
     base_url: str = "http://testserver",
     startup_timeout: float | None = DEFAULT_STARTUP_TIMEOUT,
     shutdown_timeout: float | None = DEFAULT_SHUTDOWN_TIMEOUT,
-    lifespan: LifespanMode = "on",
+    lifespan: _LifespanMode = "on",
     client_options: Mapping[str, Any] | None = None,
     **unknown: Never,
 ) -> AbstractAsyncContextManager[httpx.AsyncClient]:
@@ -175,7 +175,7 @@ async def _lifespan_client(
     base_url: str,
     startup_timeout: float | None,
     shutdown_timeout: float | None,
-    mode: LifespanMode,
+    mode: _LifespanMode,
     client_options: dict[str, Any],
 ) -> AsyncIterator[httpx.AsyncClient]:
     import httpx
