@@ -8,6 +8,9 @@ call, so nothing it starts outlives it. The same rules hold throughout:
 * The first failure cancels the calls still running, waits for them, and is then raised as
   itself, not wrapped in an exception group. It carries a note saying which call raised it.
   (`race` is the exception: when every candidate fails there is no single error to raise.)
+* A `BaseException` that is not a cancellation (`KeyboardInterrupt`, `SystemExit`, a user's
+  own) is never a result, not even with ``return_exceptions``: it cancels the other calls
+  and is raised as itself, taking precedence over any ordinary failure.
 * Cancellation from outside is never caught, stored as a result or retried: it cancels the
   calls in flight and reaches the caller.
 
@@ -60,6 +63,22 @@ def _describe(fn: object) -> str:
     return name if isinstance(name, str) else repr(fn)
 
 
+# anyio (4.16 and later) exports functions of the same names that take coroutine objects where
+# lifecycle's take functions; a coroutine passed here by mistake gets an error naming them.
+_ANYIO_TWINS = {
+    "gather": "anyio.gather(*coroutines)",
+    "as_completed": "anyio.as_completed(*awaitables)",
+}
+
+
+def _is_cancellation(error: BaseException) -> bool:
+    """Whether ``error`` is (or carries) the running backend's cancellation exception."""
+    cancelled = anyio.get_cancelled_exc_class()
+    if isinstance(error, cancelled):
+        return True
+    return isinstance(error, BaseExceptionGroup) and error.subgroup(cancelled) is not None
+
+
 def _check_fns(api: str, fns: Iterable[object]) -> None:
     """Reject anything that is not callable, closing coroutine objects so none goes unawaited."""
     fns = list(fns)
@@ -70,10 +89,12 @@ def _check_fns(api: str, fns: Iterable[object]) -> None:
         if inspect.iscoroutine(fn):
             fn.close()
     if inspect.iscoroutine(offender):
+        twin = _ANYIO_TWINS.get(api)
         raise TypeError(
-            f"{api}() takes async functions to call, not coroutine objects: got "
+            f"lifecycle.{api}() takes async functions to call, not coroutine objects: got "
             f"{offender.__qualname__}(...) already called. Pass the function itself (its "
-            f"arguments after it, or bound with functools.partial or a lambda)."
+            f"arguments bound with functools.partial or a lambda)"
+            + (f", or call {twin}, which is the one that takes coroutine objects." if twin else ".")
         )
     raise TypeError(
         f"{api}() takes async functions to call; {offender!r} is not callable. Pass an async "
@@ -107,22 +128,44 @@ class _FirstFailure:
 
     __slots__ = ("_scope", "error")
 
-    def __init__(self, scope: anyio.CancelScope) -> None:
+    def __init__(self, scope: anyio.CancelScope | None = None) -> None:
+        # Set by bind() once the task group is entered (trio's has no scope before that), so
+        # that the failure exists, for the except clause around the task group, before it.
         self._scope = scope
-        self.error: Exception | None = None
+        self.error: BaseException | None = None
 
-    def record(self, error: Exception, origin: str) -> None:
+    def bind(self, scope: anyio.CancelScope) -> None:
+        """Cancel ``scope`` when the first failure arrives."""
+        self._scope = scope
+
+    def record(self, error: BaseException, origin: str) -> None:
         first = self.error
         if first is None:
             error.add_note(origin)
             self.error = error
+            assert self._scope is not None, "bind() the task group's scope first"
             self._scope.cancel()
+        elif isinstance(first, Exception) and not isinstance(error, Exception):
+            # A KeyboardInterrupt (say) while cancelling after an ordinary failure must still
+            # reach the caller: it takes the first failure's place, which travels as a note.
+            error.add_note(origin)
+            error.add_note(f"It arrived after another call had failed: {first!r}")
+            self.error = error
         elif error is not first:
             # Dropping it silently would hide a second bug; raising a group would break the
             # "raised as itself" contract, so it travels as a note on the first.
             first.add_note(
                 f"While cancelling the other calls, another failed: {error!r} ({origin})"
             )
+
+    def reraise_interrupt(self) -> None:
+        """Raise a recorded `BaseException` that is not an `Exception`, if there is one.
+
+        Called while the calls' task group ends with a cancellation from outside: an ordinary
+        failure gives way to the cancellation, a KeyboardInterrupt or SystemExit does not.
+        """
+        if self.error is not None and not isinstance(self.error, Exception):
+            self.reraise()
 
     def reraise(self) -> None:
         error = self.error
@@ -192,14 +235,19 @@ class _Pool(Generic[T, R]):
 
     async def run(self) -> None:
         """Call ``fn`` on every item; raise the first failure as itself once all have ended."""
-        async with anyio.create_task_group() as tg:
-            self._scope = tg.cancel_scope
-            self._failure = _FirstFailure(tg.cancel_scope)
-            for _ in range(self._limit):
-                pulled = await self._pull()
-                if pulled is None:
-                    break
-                tg.start_soon(self._work, *pulled, name=self._name)
+        self._failure = _FirstFailure()
+        try:
+            async with anyio.create_task_group() as tg:
+                self._scope = tg.cancel_scope
+                self._failure.bind(tg.cancel_scope)
+                for _ in range(self._limit):
+                    pulled = await self._pull()
+                    if pulled is None:
+                        break
+                    tg.start_soon(self._work, *pulled, name=self._name)
+        except BaseException:
+            self._failure.reraise_interrupt()
+            raise
         self._failure.reraise()
 
     async def _pull(self) -> tuple[int, T] | None:
@@ -224,7 +272,9 @@ class _Pool(Generic[T, R]):
         except (StopIteration, StopAsyncIteration):
             self._exhausted = True
             return None
-        except Exception as error:
+        except BaseException as error:
+            if _is_cancellation(error):
+                raise
             self._exhausted = True
             self._failure.record(
                 error, f"{self._api}(): raised while taking item {self._count} from the items"
@@ -238,7 +288,9 @@ class _Pool(Generic[T, R]):
         while True:
             try:
                 value = await fn(item)
-            except Exception as error:
+            except BaseException as error:
+                if _is_cancellation(error):
+                    raise
                 self._failure.record(
                     error, f"{self._api}(): raised by {_describe(fn)} for item {index}"
                 )
@@ -284,7 +336,8 @@ async def bounded_map(
     Raises:
         Exception: The first exception raised by ``fn`` (or by iterating ``items``), raised as
             itself once every other call has been cancelled and has finished. A note on it
-            names the item's index.
+            names the item's index. A `BaseException` that is not a cancellation
+            (`KeyboardInterrupt`, `SystemExit`) is raised the same way, as itself.
         TypeError: ``fn`` is not callable (a coroutine object, say), ``items`` is not iterable,
             or ``limit`` is not an int.
         ValueError: ``limit`` is below 1.
@@ -303,11 +356,23 @@ async def bounded_map(
     return results
 
 
+@overload
 def as_completed(
-    fn: Callable[[T], Awaitable[R]],
-    items: Iterable[T] | AsyncIterable[T],
-    *,
-    limit: int,
+    fn: Callable[[T], Awaitable[R]], items: Iterable[T], /, *, limit: int
+) -> AbstractAsyncContextManager[AsyncIterator[tuple[int, R]]]: ...
+
+
+@overload
+def as_completed(
+    fn: Callable[[T], Awaitable[R]], items: AsyncIterable[T], /, *, limit: int
+) -> AbstractAsyncContextManager[AsyncIterator[tuple[int, R]]]: ...
+
+
+# The implementation takes any arguments so that a call written for anyio.as_completed
+# (several coroutine objects, no limit) gets an error saying so, with its coroutines closed,
+# rather than Python's bare "takes 2 positional arguments" and "never awaited" warnings.
+def as_completed(
+    fn: Any, items: Any = _MISSING, /, *more: Any, limit: Any = _MISSING
 ) -> AbstractAsyncContextManager[AsyncIterator[tuple[int, R]]]:
     """Call ``fn`` on every item, at most ``limit`` at once, yielding results as they finish.
 
@@ -326,21 +391,45 @@ def as_completed(
 
     If a call raises, the calls still running are cancelled, the results already waiting to
     be read are yielded, and then iterating raises the error as itself. An error that happens
-    after you stop reading (by leaving the block) is discarded with the unread results.
+    after you stop reading (by leaving the block) is discarded with the unread results,
+    except a `BaseException` such as `KeyboardInterrupt`, which leaving the block raises.
+
+    Unlike ``anyio.as_completed(*awaitables)``, which takes coroutine objects and yields task
+    handles, this takes the function and its items, bounds the calls, and yields results: a
+    call written for anyio's (coroutine objects passed) raises a `TypeError` saying so, and
+    closes the coroutines so none is left never awaited.
 
     Args:
         fn: An async function taking one item.
         items: An iterable or async iterable of items.
+        *more: Refused: more positional arguments mean a call written for anyio's form.
         limit: The most calls to run at once, at least 1.
 
     Returns:
         An async context manager yielding the async iterator of ``(index, result)`` pairs.
 
     Raises:
-        TypeError: ``fn`` is not callable, ``items`` is not iterable, or ``limit`` is not an
-            int.
+        TypeError: An awaitable was passed (anyio's form), ``fn`` is not callable, ``items``
+            is not iterable, ``limit`` is missing or is not an int.
         ValueError: ``limit`` is below 1.
     """
+    passed = (fn, items, *more)
+    if any(inspect.isawaitable(arg) for arg in passed):
+        for arg in passed:
+            if inspect.iscoroutine(arg):
+                arg.close()
+        raise TypeError(
+            "lifecycle.as_completed() takes an async function and the items to call it on, "
+            "as_completed(fn, items, limit=...), not awaitables: anyio.as_completed(*awaitables) "
+            "is the one that takes coroutine objects. Pass the function and its arguments "
+            "instead, or call anyio.as_completed."
+        )
+    if items is _MISSING or more or limit is _MISSING:
+        raise TypeError(
+            f"lifecycle.as_completed() takes an async function, the items to call it on and a "
+            f"limit: as_completed(fn, items, limit=...); got {len(passed) - (items is _MISSING)}"
+            f" positional argument(s){'' if limit is not _MISSING else ' and no limit'}."
+        )
     _check_fns("as_completed", (fn,))
     _check_limit("as_completed", limit)
     _check_items("as_completed", items)
@@ -367,7 +456,7 @@ class _Completions(Generic[T, R]):
         self._limit = limit
         self._tg: TaskGroup | None = None
         self._receive: MemoryObjectReceiveStream[tuple[int, R]] | None = None
-        self.error: Exception | None = None
+        self.error: BaseException | None = None
 
     async def __aenter__(self) -> AsyncIterator[tuple[int, R]]:
         if self._tg is not None:
@@ -394,7 +483,10 @@ class _Completions(Generic[T, R]):
         with send:
             try:
                 await pool.run()
-            except Exception as error:
+            except BaseException as error:
+                # The pool has already unwrapped it; a cancellation passes on through.
+                if _is_cancellation(error):
+                    raise
                 self.error = error
 
     async def __aexit__(
@@ -412,6 +504,15 @@ class _Completions(Generic[T, R]):
             await self._tg.__aexit__(None, None, None)
         finally:
             self._receive.close()
+        error = self.error
+        if error is not None and not isinstance(error, Exception):
+            # An unread ordinary error is discarded with the unread results, but a
+            # KeyboardInterrupt or SystemExit is never dropped.
+            self.error = None
+            try:
+                raise error
+            finally:
+                del error
 
 
 @final
@@ -545,6 +646,8 @@ async def gather(
     """Call every function concurrently and return their results in the order given.
 
     Pass functions, not coroutines: ``gather(fetch_user, partial(fetch_orders, user_id))``.
+    (``anyio.gather``, since anyio 4.16, takes coroutine objects instead; a coroutine passed
+    here is closed and refused with a `TypeError` naming it.)
 
     Args:
         *fns: Async functions taking no arguments.
@@ -553,7 +656,8 @@ async def gather(
             exception is returned in its place among the results, and the others run on: the
             caller sees partial success and decides. Only `Exception` is ever returned this
             way: a cancellation from outside still cancels every call and propagates to the
-            caller, and a `BaseException` such as `KeyboardInterrupt` still propagates.
+            caller, and a `BaseException` such as `KeyboardInterrupt` cancels the other calls
+            and is raised as itself.
 
     Returns:
         A tuple with each function's result (or, with ``return_exceptions``, its exception)
@@ -562,7 +666,10 @@ async def gather(
     Raises:
         Exception: Without ``return_exceptions``, the first exception a call raised, with a
             note naming the function.
-        TypeError: Something passed is not callable (a coroutine object, say).
+        BaseException: A call raised one that is not a cancellation (`KeyboardInterrupt`,
+            `SystemExit`), in either mode: raised as itself, never wrapped in a group.
+        TypeError: Something passed is not callable: a coroutine object, say, which is what
+            ``anyio.gather`` takes; the message says so.
     """
     _check_fns("gather", fns)
     results: list[Any] = [None] * len(fns)
@@ -575,11 +682,20 @@ async def gather(
                 results[index] = error
             else:
                 failure.record(error, f"gather(): raised by {_describe(fn)} (function {index})")
+        except BaseException as error:
+            if _is_cancellation(error):
+                raise
+            failure.record(error, f"gather(): raised by {_describe(fn)} (function {index})")
 
-    async with anyio.create_task_group() as tg:
-        failure = _FirstFailure(tg.cancel_scope)
-        for index, fn in enumerate(fns):
-            tg.start_soon(run, index, fn, name=f"gather:{_describe(fn)}")
+    failure = _FirstFailure()
+    try:
+        async with anyio.create_task_group() as tg:
+            failure.bind(tg.cancel_scope)
+            for index, fn in enumerate(fns):
+                tg.start_soon(run, index, fn, name=f"gather:{_describe(fn)}")
+    except BaseException:
+        failure.reraise_interrupt()
+        raise
     failure.reraise()
     return tuple(results)
 
@@ -602,6 +718,9 @@ async def race(*fns: Callable[[], Awaitable[T]]) -> T:
     Raises:
         ExceptionGroup: Every function failed; it holds their exceptions in the order the
             functions were given.
+        BaseException: A function raised one that is not a cancellation
+            (`KeyboardInterrupt`, `SystemExit`): it ends the race at once and is raised as
+            itself.
         TypeError: Something passed is not callable (a coroutine object, say).
         ValueError: No functions were given.
     """
@@ -617,13 +736,26 @@ async def race(*fns: Callable[[], Awaitable[T]]) -> T:
         except Exception as error:
             errors[index] = error
             return
+        except BaseException as error:
+            if _is_cancellation(error):
+                raise
+            # Not a failed candidate: it ends the race and reaches the caller as itself.
+            interrupt.record(error, f"race(): raised by {_describe(fn)}")
+            return
         if not winner:
             winner.append(value)
             tg.cancel_scope.cancel()
 
-    async with anyio.create_task_group() as tg:
-        for index, fn in enumerate(fns):
-            tg.start_soon(run, index, fn, name=f"race:{_describe(fn)}")
+    interrupt = _FirstFailure()
+    try:
+        async with anyio.create_task_group() as tg:
+            interrupt.bind(tg.cancel_scope)
+            for index, fn in enumerate(fns):
+                tg.start_soon(run, index, fn, name=f"race:{_describe(fn)}")
+    except BaseException:
+        interrupt.reraise_interrupt()
+        raise
+    interrupt.reraise()
     if winner:
         return winner[0]
     raise ExceptionGroup(
@@ -647,6 +779,9 @@ async def first_completed(*fns: Callable[[], Awaitable[T]]) -> T:
 
     Raises:
         Exception: The exception of the first function to finish, if it raised, as itself.
+        BaseException: A function raised one that is not a cancellation
+            (`KeyboardInterrupt`, `SystemExit`), even after another finished: raised as
+            itself.
         TypeError: Something passed is not callable (a coroutine object, say).
         ValueError: No functions were given.
     """
@@ -662,14 +797,24 @@ async def first_completed(*fns: Callable[[], Awaitable[T]]) -> T:
             if failure.error is None and not outcome:
                 failure.record(error, f"first_completed(): raised by {_describe(fn)}")
             return
+        except BaseException as error:
+            if _is_cancellation(error):
+                raise
+            failure.record(error, f"first_completed(): raised by {_describe(fn)}")
+            return
         if failure.error is None and not outcome:
             outcome.append(value)
             tg.cancel_scope.cancel()
 
-    async with anyio.create_task_group() as tg:
-        failure = _FirstFailure(tg.cancel_scope)
-        for fn in fns:
-            tg.start_soon(run, fn, name=f"first_completed:{_describe(fn)}")
+    failure = _FirstFailure()
+    try:
+        async with anyio.create_task_group() as tg:
+            failure.bind(tg.cancel_scope)
+            for fn in fns:
+                tg.start_soon(run, fn, name=f"first_completed:{_describe(fn)}")
+    except BaseException:
+        failure.reraise_interrupt()
+        raise
     failure.reraise()
     return outcome[0]
 

@@ -14,14 +14,28 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import anyio
+import httpx
 import pytest
 from anyio.abc import SocketStream
 from anyio.streams.stapled import MultiListener
+from fastapi import FastAPI
 
 from example_app.cache import MemoryCache
 from example_app.main import MAX_NAME_LENGTH, REINDEX_QUEUE_SIZE, app, lc, reindex, warm_cache
-from lifecycle import DEADLINE_EXPIRED_HEADER, StartupError
-from lifecycle.testing import assert_started_before, assert_stopped_before, lifespan_client
+from lifecycle import (
+    DEADLINE_EXPIRED_HEADER,
+    Services,
+    ServiceState,
+    ShutdownError,
+    StartupError,
+)
+from lifecycle.testing import (
+    Faults,
+    OrderAssertions,
+    assert_started_before,
+    assert_stopped_before,
+    lifespan_client,
+)
 
 from .servers import require_postgres, require_redis
 
@@ -33,6 +47,16 @@ def embedded(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.delenv("DATABASE_URL", raising=False)
     monkeypatch.delenv("REDIS_URL", raising=False)
     monkeypatch.setenv("SQLITE_PATH", str(tmp_path / "items.db"))
+
+
+@pytest.fixture
+def lifecycle_app() -> FastAPI:
+    """The app the plugin's lifecycle_* fixtures run (see lifecycle.pytest_plugin).
+
+    Tests that use them take ``embedded`` first, so that the environment is set before the
+    app starts.
+    """
+    return app
 
 
 @pytest.fixture(params=["embedded", "real"])
@@ -94,6 +118,34 @@ async def test_real_postgres_and_redis(monkeypatch: pytest.MonkeyPatch) -> None:
     assert about["cache"] == "redis"
 
 
+async def test_the_services_start_in_dependency_order_and_serve_the_app(
+    embedded: None,
+    lifecycle_client: httpx.AsyncClient,
+    lifecycle_services: Services,
+    lifecycle_order: OrderAssertions,
+) -> None:
+    created = await lifecycle_client.post("/items", json={"name": "via the plugin"})
+    item_id = created.json()["id"]
+    assert await lifecycle_services["db"].get_item(item_id) == "via the plugin"
+    assert lifecycle_services["cache"] is lc.get("cache")
+    lifecycle_order.started_before("settings", "db")
+    lifecycle_order.started_before("settings", "cache")
+    with pytest.raises(AssertionError, match="Expected 'db' to be running before 'settings'"):
+        lifecycle_order.started_before("db", "settings")
+
+
+async def test_a_cache_that_fails_to_stop_is_named_and_the_others_still_stop(
+    embedded: None, lifecycle_faults: Faults, lifecycle_order: OrderAssertions
+) -> None:
+    lifecycle_faults.fail_stop("cache", ConnectionResetError("cache gone"))
+    with pytest.raises(ShutdownError, match="'cache' raised ConnectionResetError"):
+        async with lifespan_client(app) as client:
+            assert (await client.get("/livez")).status_code == 200
+    assert lc.service_state("db") is ServiceState.STOPPED
+    lifecycle_order.stopped_before("cache", "settings")
+    lifecycle_order.stopped_before("db", "settings")
+
+
 async def test_unreachable_database_fails_startup_naming_the_service(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
@@ -105,15 +157,13 @@ async def test_unreachable_database_fails_startup_naming_the_service(
     assert "settings" in info.value.rolled_back
 
 
-@pytest.mark.usefixtures("embedded")
-async def test_a_request_past_its_budget_gets_504_with_the_marker() -> None:
-    from lifecycle import DEADLINE_EXPIRED_HEADER
-
-    async with lifespan_client(app) as client:
-        response = await client.get(
-            "/slow", params={"seconds": 5}, headers={"x-request-timeout-ms": "100"}
-        )
-        fine = await client.get("/slow", params={"seconds": 0.01})
+async def test_a_request_past_its_budget_gets_504_with_the_marker(
+    embedded: None, lifecycle_client: httpx.AsyncClient
+) -> None:
+    response = await lifecycle_client.get(
+        "/slow", params={"seconds": 5}, headers={"x-request-timeout-ms": "100"}
+    )
+    fine = await lifecycle_client.get("/slow", params={"seconds": 0.01})
     assert response.status_code == 504
     assert response.headers[DEADLINE_EXPIRED_HEADER]
     assert response.headers["content-type"] == "application/problem+json"
@@ -218,12 +268,12 @@ async def test_a_long_or_non_ascii_item_name_is_stored_as_sent(backend: str, nam
     assert read.json()["name"] == name
 
 
-@pytest.mark.usefixtures("embedded")
 @pytest.mark.parametrize("seconds", ["-1", "-0.001", "nan", "inf", "-inf", "30.5", "1e309"])
-async def test_slow_rejects_a_negative_infinite_or_too_long_sleep_with_422(seconds: str) -> None:
-    async with lifespan_client(app) as client:
-        response = await client.get("/slow", params={"seconds": seconds})
-        instant = await client.get("/slow", params={"seconds": "0"})
+async def test_slow_rejects_a_negative_infinite_or_too_long_sleep_with_422(
+    embedded: None, lifecycle_client: httpx.AsyncClient, seconds: str
+) -> None:
+    response = await lifecycle_client.get("/slow", params={"seconds": seconds})
+    instant = await lifecycle_client.get("/slow", params={"seconds": "0"})
     assert response.status_code == 422
     assert response.json()["detail"][0]["loc"] == ["query", "seconds"]
     assert instant.json() == {"slept": 0.0}
@@ -350,16 +400,16 @@ async def test_a_deadline_spent_on_the_upstream_is_still_504_with_the_marker(
 # -- reindex: bounded, validated, all or nothing -------------------------------------------
 
 
-@pytest.mark.usefixtures("embedded")
 @pytest.mark.parametrize(
     "ids",
     [list(range(1, REINDEX_QUEUE_SIZE + 2)), [0], [-1], [1, 2**63]],
     ids=["too-many", "zero", "negative", "out-of-range"],
 )
-async def test_reindex_rejects_too_many_or_invalid_ids_with_422(ids: list[int]) -> None:
-    async with lifespan_client(app) as client:
-        response = await client.post("/reindex", json={"ids": ids})
-        accepted = reindex.statistics().accepted
+async def test_reindex_rejects_too_many_or_invalid_ids_with_422(
+    embedded: None, lifecycle_client: httpx.AsyncClient, ids: list[int]
+) -> None:
+    response = await lifecycle_client.post("/reindex", json={"ids": ids})
+    accepted = reindex.statistics().accepted
     assert response.status_code == 422
     assert response.json()["detail"][0]["loc"][:2] == ["body", "ids"]
     assert accepted == 0
@@ -415,16 +465,16 @@ def sample(metrics: str, name: str) -> float:
     return 0.0
 
 
-@pytest.mark.usefixtures("embedded")
-async def test_metrics_export_the_deadline_and_admission_middleware() -> None:
-    async with lifespan_client(app) as client:
-        # The app and its middleware live as long as the process: compare, don't count.
-        before = (await client.get("/metrics")).text
-        expired = await client.get(
-            "/slow", params={"seconds": 5}, headers={"x-request-timeout-ms": "100"}
-        )
-        assert expired.status_code == 504
-        after = (await client.get("/metrics")).text
+async def test_metrics_export_the_deadline_and_admission_middleware(
+    embedded: None, lifecycle_client: httpx.AsyncClient
+) -> None:
+    # The app and its middleware live as long as the process: compare, don't count.
+    before = (await lifecycle_client.get("/metrics")).text
+    expired = await lifecycle_client.get(
+        "/slow", params={"seconds": 5}, headers={"x-request-timeout-ms": "100"}
+    )
+    assert expired.status_code == 504
+    after = (await lifecycle_client.get("/metrics")).text
     deadline_expired = "lifecycle_deadline_expired_total"
     assert sample(after, deadline_expired) == sample(before, deadline_expired) + 1
     admitted = "lifecycle_admission_admitted_total"

@@ -44,7 +44,9 @@ def public_names() -> set[str]:
     names = set()
     for name in dir(lifecycle):
         value = getattr(lifecycle, name)
-        if name.startswith("_"):
+        if name.startswith("_") or not name.isidentifier():
+            # Not identifiers: pytest's assertion-rewriting helpers (@py_builtins), which it
+            # puts into every module of a distribution that ships a pytest11 plugin.
             continue
         if inspect.ismodule(value) and value.__name__.startswith("lifecycle."):
             continue  # a submodule: lifecycle.fastapi, lifecycle.testing...
@@ -71,3 +73,33 @@ def test_every_public_name_of_ours_has_a_docstring() -> None:
         ours = getattr(value, "__module__", "").startswith("lifecycle")
         if ours and (inspect.isclass(value) or inspect.isfunction(value)):
             assert inspect.getdoc(value), f"lifecycle.{name} has no docstring"
+
+
+TESTING_DOCUMENTED = {
+    "lifespan_client", "LifespanNotSupported", "DEFAULT_STARTUP_TIMEOUT",
+    "DEFAULT_SHUTDOWN_TIMEOUT", "inject_faults", "Faults", "assert_started_before",
+    "assert_stopped_before", "OrderAssertions",
+}  # fmt: skip
+
+PLUGIN_FIXTURES = {
+    "lifecycle_app", "lifecycle_client", "lifecycle_client_options", "lifecycle_instance",
+    "lifecycle_services", "lifecycle_faults", "lifecycle_order", "lifecycle_clock",
+}  # fmt: skip
+
+
+def test_the_test_kit_exports_exactly_the_documented_names() -> None:
+    import lifecycle.testing
+
+    assert set(lifecycle.testing.__all__) == TESTING_DOCUMENTED
+    for name in TESTING_DOCUMENTED:
+        value = getattr(lifecycle.testing, name)
+        if inspect.isclass(value) or inspect.isfunction(value):
+            assert inspect.getdoc(value), f"lifecycle.testing.{name} has no docstring"
+
+
+def test_the_pytest_plugin_provides_exactly_the_documented_fixtures() -> None:
+    import lifecycle.pytest_plugin
+
+    assert set(lifecycle.pytest_plugin.__all__) == PLUGIN_FIXTURES
+    for name in PLUGIN_FIXTURES:
+        assert getattr(lifecycle.pytest_plugin, name).__doc__, f"fixture {name} has no docstring"

@@ -33,6 +33,7 @@ LAYERS: dict[str, set[str]] = {
         "fastapi",
         "httpx",
         "testing",
+        "pytest_plugin",
         "_metrics",
         "_tracing",
         "_cli",

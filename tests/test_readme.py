@@ -10,6 +10,8 @@ import pytest
 
 from lifecycle.testing import lifespan_client
 
+pytest_plugins = ["pytester"]
+
 README = Path(__file__).parent.parent / "README.md"
 BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.DOTALL)
 
@@ -31,3 +33,22 @@ def test_readme_example_runs(source: str) -> None:
             return (await client.get("/")).json()
 
     assert anyio.run(request_index) == {"text": "hello"}
+
+
+TESTING_EXAMPLE = next(block for block in BLOCKS if block.startswith("# test_app.py"))
+
+
+def test_the_testing_example_passes_under_pytest_as_users_run_it(
+    pytester: pytest.Pytester,
+) -> None:
+    pytester.makepyfile(test_app=TESTING_EXAMPLE)
+    result = pytester.runpytest_subprocess("-v")
+    # anyio's own anyio_backend runs every installed backend; lifecycle_clock, trio alone.
+    result.assert_outcomes(passed=3)
+    result.stdout.fnmatch_lines(
+        [
+            "*test_items?asyncio? PASSED*",
+            "*test_items?trio? PASSED*",
+            "*test_a_hanging_cache_fails_startup?trio-mockclock? PASSED*",
+        ]
+    )

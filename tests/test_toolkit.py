@@ -990,3 +990,169 @@ async def test_shield_needs_a_finite_timeout() -> None:
             await shield(close, timeout=bad)
     with pytest.raises(TypeError, match="number of seconds"):
         await shield(close, timeout=None)  # type: ignore[arg-type]
+
+
+# -- a BaseException that is not a cancellation is raised as itself -------------------------
+
+
+class Interrupt(BaseException):
+    """A user's own BaseException, standing for KeyboardInterrupt and SystemExit."""
+
+
+async def interrupts(*_: object) -> int:
+    await anyio.lowlevel.checkpoint()
+    raise Interrupt("stop")
+
+
+async def sleeps_until_cancelled(*_: object) -> int:
+    try:
+        await anyio.sleep_forever()
+    finally:
+        cancelled_calls.append("cancelled")
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+cancelled_calls: list[str] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_cancelled_calls_yet() -> None:
+    cancelled_calls.clear()
+
+
+@pytest.mark.parametrize("error_type", [Interrupt, KeyboardInterrupt, SystemExit])
+@pytest.mark.parametrize("return_exceptions", [False, True])
+async def test_gather_raises_a_base_exception_as_itself(
+    error_type: type[BaseException], return_exceptions: bool
+) -> None:
+    async def raises() -> int:
+        await anyio.lowlevel.checkpoint()
+        raise error_type("stop")
+
+    with pytest.raises(error_type) as info:
+        await gather(raises, sleeps_until_cancelled, return_exceptions=return_exceptions)
+    assert type(info.value) is error_type  # not a BaseExceptionGroup around it
+    assert cancelled_calls == ["cancelled"]
+    assert any("gather(): raised by" in note for note in info.value.__notes__)
+
+
+async def test_a_base_exception_takes_precedence_over_an_earlier_failure() -> None:
+    async def fails() -> int:
+        raise ValueError("first")
+
+    async def interrupted_while_cancelled() -> int:
+        try:
+            await anyio.sleep_forever()
+        finally:
+            raise Interrupt("while cancelling")
+
+    with pytest.raises(Interrupt) as info:
+        await gather(fails, interrupted_while_cancelled)
+    assert any("ValueError('first')" in note for note in info.value.__notes__)
+
+
+async def test_race_raises_a_base_exception_as_itself_even_if_another_would_win() -> None:
+    with pytest.raises(Interrupt):
+        await race(interrupts, sleeps_until_cancelled)
+    assert cancelled_calls == ["cancelled"]
+
+
+async def test_first_completed_raises_a_base_exception_as_itself() -> None:
+    with pytest.raises(Interrupt) as info:
+        await first_completed(interrupts, sleeps_until_cancelled)
+    assert type(info.value) is Interrupt
+    assert cancelled_calls == ["cancelled"]
+
+
+async def test_bounded_map_raises_a_base_exception_as_itself() -> None:
+    async def work(n: int) -> int:
+        if n == 1:
+            return await interrupts()
+        return await sleeps_until_cancelled()
+
+    with pytest.raises(Interrupt) as info:
+        await bounded_map(work, [0, 1, 2], limit=3)
+    assert type(info.value) is Interrupt
+    assert cancelled_calls == ["cancelled", "cancelled"]
+
+
+async def test_bounded_map_raises_a_base_exception_from_the_items_as_itself() -> None:
+    def items() -> Iterator[int]:
+        yield 1
+        raise Interrupt("from the items")
+
+    with pytest.raises(Interrupt, match="from the items"):
+        await bounded_map(sleeps_until_cancelled, items(), limit=2)
+
+
+async def test_as_completed_raises_a_base_exception_as_itself_once() -> None:
+    async def work(n: int) -> int:
+        if n == 1:
+            return await interrupts()
+        return await sleeps_until_cancelled()
+
+    async def read_all() -> None:
+        async with as_completed(work, [0, 1], limit=2) as results:
+            async for _ in results:
+                pytest.fail("nothing succeeds")  # pragma: no cover
+
+    with pytest.raises(Interrupt) as info:
+        await read_all()
+    assert type(info.value) is Interrupt  # neither wrapped once nor twice
+    assert cancelled_calls == ["cancelled"]
+
+
+async def test_as_completed_raises_an_unread_base_exception_on_leaving_the_block() -> None:
+    reported = anyio.Event()
+
+    async def work(n: int) -> int:
+        reported.set()
+        raise Interrupt("unread")
+
+    with pytest.raises(Interrupt, match="unread"):
+        async with as_completed(work, [0], limit=1):
+            await reported.wait()
+
+
+async def test_cancellation_still_passes_through_untouched() -> None:
+    with anyio.CancelScope() as scope:
+        scope.cancel()
+        await gather(sleeps_until_cancelled, return_exceptions=True)
+    assert scope.cancelled_caught
+
+
+# -- anyio's gather and as_completed take coroutine objects; these take functions ------------
+
+
+async def test_gather_given_coroutines_names_anyio_gather() -> None:
+    one, two = sleeps_until_cancelled(), sleeps_until_cancelled()
+    with pytest.raises(TypeError, match=r"anyio\.gather\(\*coroutines\), which is the one"):
+        await gather(one, two)  # type: ignore[arg-type]
+    assert inspect.getcoroutinestate(one) == inspect.getcoroutinestate(two) == "CORO_CLOSED"
+
+
+@pytest.mark.parametrize("count", [1, 2, 3])
+def test_as_completed_given_coroutines_names_anyio_as_completed(count: int) -> None:
+    coroutines = [sleeps_until_cancelled() for _ in range(count)]
+    with pytest.raises(TypeError, match=r"anyio\.as_completed\(\*awaitables\) is the one"):
+        as_completed(*coroutines)  # type: ignore[call-overload]
+    assert {inspect.getcoroutinestate(c) for c in coroutines} == {"CORO_CLOSED"}
+
+
+def test_as_completed_without_its_items_or_limit_shows_the_call() -> None:
+    with pytest.raises(TypeError, match=r"as_completed\(fn, items, limit=\.\.\.\).*and no limit"):
+        as_completed(sleeps_until_cancelled, [1])  # type: ignore[call-overload]
+    with pytest.raises(TypeError, match=r"got 1 positional argument"):
+        as_completed(sleeps_until_cancelled, limit=1)  # type: ignore[call-overload]
+
+
+async def test_the_anyio_twins_really_take_coroutines() -> None:
+    # The premise of the errors above: should anyio change its side, they must change too.
+    async def two() -> int:
+        await anyio.lowlevel.checkpoint()
+        return 2
+
+    assert await anyio.gather(two(), two()) == (2, 2)
+    async with anyio.as_completed(two()) as handles:
+        assert [handle.return_value async for handle in handles] == [2]
+    assert await anyio.amap(lambda n: two(), [1]) == [2]
