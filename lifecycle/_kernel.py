@@ -1224,6 +1224,31 @@ class _Run:
             f"itself), so it could not be cut off. What it started was cleaned up again."
         )
 
+    def _rolled_back_while_reporting(
+        self, record: _Record, exc: BaseException, own: BaseException | None
+    ) -> None:
+        """Record a long-running service cut as it reported started (startup was abandoned).
+
+        It ran, so it counts as rolled back, and what its cleanup raised counts.
+        """
+        cancelled = anyio.get_cancelled_exc_class()
+        leaves = [exc] if own is None else [own, exc]
+        while any(isinstance(e, BaseExceptionGroup) for e in leaves):
+            leaves = [
+                leaf
+                for e in leaves
+                for leaf in (e.exceptions if isinstance(e, BaseExceptionGroup) else (e,))
+            ]
+        errors = [e for e in leaves if not isinstance(e, cancelled)]
+        if own is not None and not isinstance(own, cancelled):
+            errors = [own]  # the same error may also come out of the task group
+        record.started = True
+        record.start_ended = record.stop_began = self.now()
+        record.state = ServiceState.STOPPING
+        self.stop_order.append(record.service.name)
+        record.stop_error = errors[0] if errors else None
+        self._stopped(record)
+
     def _mark(self, record: _Record) -> None:
         """Note how long services' own code has held the loop, as a phase of ``record`` begins."""
         record.mark = (self.busy, record.busy)
@@ -1334,21 +1359,26 @@ class _Run:
         observers = self.kernel.observers
 
         reported = False
+        cut_after_reporting = False
 
         def ready() -> None:
-            nonlocal reported
+            nonlocal reported, cut_after_reporting
             reported = True
             abortable = self.starting.get(record)
             if abortable is not None and abortable.cancel_called:
                 # Startup was abandoned first: the start is cut (a shield now would keep the
                 # service from the cancellation already on its way, and its start waiting).
+                # It did run, though: its cancellation is its rollback (see below).
+                cut_after_reporting = True
                 return
             guard.shield = True
             if observers:
                 observers.call("service_ready", service)
 
+        cut_error: BaseException | None = None
+
         async def run_service(*, task_status: TaskStatus[Any]) -> None:
-            nonlocal exited
+            nonlocal exited, cut_error
             reporter = _StartedReporter(task_status, ready)
             try:
                 if hooks is not None:
@@ -1359,6 +1389,11 @@ class _Run:
                         f"Service {service.name!r} returned without calling "
                         f"task_status.started(); call it once the service is ready."
                     )
+            except BaseException as exc:
+                # What its cleanup raises once cut: anyio's start() may swallow it on asyncio.
+                if cut_after_reporting:
+                    cut_error = exc
+                raise
             finally:
                 exited = True
                 assert record.wake is not None
@@ -1401,7 +1436,12 @@ class _Run:
                         stop_deadline = self._begin_stop(record)
                         self._mark(record)
                         inner.cancel_scope.cancel()
-        except Exception as exc:
+        except BaseException as exc:
+            if cut_after_reporting and not record.started:
+                self._rolled_back_while_reporting(record, exc, cut_error)
+                raise _StartAborted from None
+            if not isinstance(exc, Exception):
+                raise
             error = _unwrap(exc)
             if overran is not None and error is not overran:
                 self._cleanup_overran_start(overran, error)  # its cancellation raised

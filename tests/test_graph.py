@@ -1452,3 +1452,40 @@ async def test_a_raising_observer_is_detached_and_never_fails_a_service(
         f"Observer {broken!r} raised RuntimeError: observer bug from service_started(); it is "
         "detached; what it watched goes on unobserved."
     ) == 1
+
+
+async def test_a_service_reporting_started_as_a_sibling_fails_is_rolled_back() -> None:
+    """It reports started once startup is being abandoned (its own shield held the
+    cancellation off): it ran, so it is rolled back, and what its cleanup raises is kept."""
+    lc = Lifecycle()
+    failing_now = anyio.Event()
+    cleaned: list[str] = []
+
+    @lc.service
+    async def a() -> AsyncIterator[None]:
+        await anyio.lowlevel.checkpoint()
+        failing_now.set()
+        raise ValueError("a failed")
+        yield None  # pragma: no cover
+
+    @lc.service
+    async def b(*, task_status: TaskStatus[str]) -> None:
+        with anyio.CancelScope(shield=True):
+            await failing_now.wait()
+            await anyio.sleep(0.05)  # startup is abandoned meanwhile
+            task_status.started("b")
+        try:
+            await anyio.sleep_forever()
+        finally:
+            cleaned.append("b")
+            raise RuntimeError("b's cleanup failed")
+
+    with anyio.fail_after(5), pytest.raises(StartupError) as info:
+        async with lc.run():
+            pytest.fail("startup should not complete")  # pragma: no cover
+    assert list(info.value.failures) == ["a"]
+    assert info.value.cancelled == ()
+    assert info.value.rolled_back == ("b",)
+    assert isinstance(info.value.rollback_errors["b"], RuntimeError)
+    assert cleaned == ["b"]
+    assert lc.service_state("b") is ServiceState.FAILED
