@@ -96,7 +96,7 @@ def instrument_metrics(
             has metrics of the same names (another instrumented `Lifecycle`).
         RuntimeError: The Lifecycle is running, or its metrics are already enabled.
     """
-    _require_prometheus()
+    require_prometheus()
     from prometheus_client import REGISTRY
 
     check_attachable(
@@ -121,7 +121,11 @@ def instrument_metrics(
     return metrics
 
 
-def _require_prometheus() -> None:
+def require_prometheus() -> None:
+    """Raise an `ImportError` naming the extra to install when prometheus-client is missing.
+
+    Used by `instrument_metrics` and by `lifecycle.starlette.metrics_route`.
+    """
     try:
         import prometheus_client  # noqa: F401
     except ImportError as exc:

@@ -851,7 +851,7 @@ def _retry_predicate(retry_on: RetryOn) -> Callable[[Exception], bool]:
     )
 
 
-def _backoff_ceiling(base_delay: float, max_delay: float, failures: int) -> float:
+def backoff_ceiling(base_delay: float, max_delay: float, failures: int) -> float:
     """``base_delay * 2 ** (failures - 1)``, capped at ``max_delay`` without overflowing."""
     try:
         return min(max_delay, math.ldexp(base_delay, failures - 1))
@@ -949,7 +949,7 @@ async def retry(
             if attempt >= attempts:
                 error.add_note(f"retry(): gave up after {attempt} attempts of {_describe(fn)}.")
                 raise
-            ceiling = _backoff_ceiling(base, cap, attempt)
+            ceiling = backoff_ceiling(base, cap, attempt)
             too_late = _wait_would_not_fit(ceiling)
             if too_late:
                 error.add_note(

@@ -36,7 +36,7 @@ from ._deadline import _current as _request_deadline
 from ._health import CheckResult, HealthMonitor, HealthStatus
 from ._kernel import Kernel, Service, parameters
 from ._observe import JobObserver, TaskObserver, job_observer, task_observer
-from ._toolkit import _backoff_ceiling
+from ._toolkit import backoff_ceiling
 from ._validate import count, seconds
 from .exceptions import JobAbandoned, PoolClosed, QueueFull
 
@@ -872,7 +872,7 @@ class BackgroundTask:
         """The backoff before restart number ``attempt`` (1-based): full jitter under a cap."""
         # The ceiling is capped without computing 2 ** (attempt - 1), which overflows a float
         # past about a thousand restarts within the window.
-        ceiling = _backoff_ceiling(self.backoff_base, self.backoff_max, attempt)
+        ceiling = backoff_ceiling(self.backoff_base, self.backoff_max, attempt)
         return random.uniform(0, ceiling)  # noqa: S311 - jitter, not cryptography
 
     async def _serve(self, deps: dict[str, Any]) -> AsyncIterator[BackgroundTask]:

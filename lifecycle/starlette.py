@@ -302,9 +302,9 @@ def metrics_route(registry: CollectorRegistry | None = None, *, path: str = "/me
     Raises:
         ImportError: prometheus-client is not installed (``pip install 'lifecycle[metrics]'``).
     """
-    from ._metrics import _require_prometheus
+    from ._metrics import require_prometheus
 
-    _require_prometheus()
+    require_prometheus()
     from prometheus_client import REGISTRY
     from prometheus_client.exposition import choose_encoder
 
