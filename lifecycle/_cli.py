@@ -2,8 +2,10 @@
 
 ``python -m lifecycle graph module:attribute [--format tree|mermaid|dot]`` prints the service
 dependency graph of a `Lifecycle`, or of the Starlette or FastAPI app whose lifespan is a
-Lifecycle's (``module`` alone finds the one Lifecycle the module defines). Lifecycle's own
-services (worker pools, supervised tasks, periodic jobs...) appear too, marked internal.
+Lifecycle's (``module`` alone finds the one Lifecycle the module defines). What the other
+decorators declare appears too, marked by kind (``[worker]``, ``[periodic]``,
+``[background]``, ``[health check]``), and so does lifecycle's own machinery, marked
+``[lifecycle's own]`` (the event-loop watchdog, the drain's signal handlers).
 Nothing is started: the module is imported and the graph validated, that is all.
 """
 
@@ -192,8 +194,10 @@ def _tree(services: list[Service[Any]], title: str) -> str:
         text = service.name
         if param is not None and param != service.name:
             text += f" (as {param})"
-        if service.internal:
-            text += "  [internal]"
+        if service.kind == "lifecycle":
+            text += "  [lifecycle's own]"
+        elif service.kind != "service":
+            text += f"  [{service.kind}]"
         return text
 
     def visit(name: str, param: str | None, prefix: str, branch: str, last: bool) -> None:

@@ -120,7 +120,7 @@ class SignalDrain:
         self._previous: dict[int, Handler] = {}
         self._requested: anyio.Event | None = None
         self._skip: anyio.Event | None = None
-        kernel.declare(self._serve, name="drain:signals", internal=True)
+        kernel.declare(self._serve, name="drain:signals", internal=True, kind="lifecycle")
 
     async def _serve(self) -> AsyncIterator[SignalDrain]:
         if threading.current_thread() is not threading.main_thread():

@@ -341,6 +341,7 @@ class HealthCheck:
             depends=targets,
             stop_timeout=self.timeout,
             internal=True,
+            kind="health check",
         )
         monitor._claim(name, "health check")
         monitor._checks[name] = self
@@ -646,7 +647,9 @@ class HealthMonitor:
         self.lag_recovery = 10.0
         self.probe_budget: float | None = 30.0
         self._reset_watchdog()
-        self.service = kernel.declare(self._watch, name=_PREFIX + _EVENT_LOOP, internal=True)
+        self.service = kernel.declare(
+            self._watch, name=_PREFIX + _EVENT_LOOP, internal=True, kind="lifecycle"
+        )
 
     def __repr__(self) -> str:
         return (

@@ -89,8 +89,12 @@ class Service(Generic[T_co]):
         stop_timeout: Seconds its cleanup may take, or ``None`` for no limit of its own.
         health: The service's own health check (``health=`` of `Lifecycle.service`), or
             ``None``.
-        internal: Declared by lifecycle itself (a worker pool, a health checker): it runs in
+        internal: Declared by an extension (a worker pool, a health checker): it runs in
             the graph like any service but is left out of the values handed to the app.
+        kind: What declared it: ``"service"`` (`Lifecycle.service`), ``"worker"``,
+            ``"background"``, ``"periodic"``, ``"health check"`` (the user's own
+            declarations through the other decorators), or ``"lifecycle"`` (lifecycle's own
+            machinery: the event-loop watchdog, the drain's signal handlers).
     """
 
     name: str
@@ -102,6 +106,7 @@ class Service(Generic[T_co]):
     form: ServiceForm = field(repr=False)
     health: Callable[..., Any] | None = field(default=None, repr=False)
     internal: bool = field(default=False, repr=False)
+    kind: str = field(default="service", repr=False)
 
 
 class Hooks(Protocol):
@@ -331,6 +336,7 @@ class Kernel:
         stop_timeout: float | None = None,
         health: Callable[..., Any] | None = None,
         internal: bool = False,
+        kind: str = "service",
     ) -> Service[Any]:
         """Declare the service ``fn`` runs; `Lifecycle.service` is the decorator over this.
 
@@ -356,6 +362,7 @@ class Kernel:
             form=form,
             health=health,
             internal=internal,
+            kind=kind,
         )
         if self._state in _ACTIVE:
             raise RuntimeError(

@@ -358,6 +358,7 @@ class WorkerPool(Generic[J, R]):
             depends=targets,
             stop_timeout=stop_timeout,
             internal=True,
+            kind="worker",
         )
 
     def __repr__(self) -> str:
@@ -828,6 +829,7 @@ class BackgroundTask:
             depends=targets,
             stop_timeout=stop_timeout,
             internal=True,
+            kind="background",
         )
         # Readiness (and, with on_give_up="fail_health", liveness) reflect the supervisor:
         # warn while it backs off, fail once it has given up.
@@ -1042,6 +1044,7 @@ class PeriodicJob:
             depends=targets,
             stop_timeout=stop_timeout,
             internal=True,
+            kind="periodic",
         )
 
     def __repr__(self) -> str:

@@ -77,7 +77,7 @@ def module(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
 
 TREE = """\
 shop_app:lc: each service above the services it depends on; (*) marks a service expanded above
-worker:index  [internal]
+worker:index  [worker]
 ├── db
 │   └── settings
 └── cache
@@ -225,11 +225,14 @@ def test_the_example_apps_graph_from_python_dash_m() -> None:
                 below.append(line[4:].removesuffix(" (*)"))
         return below
 
-    assert children("worker:warm_cache  [internal]") == ["db", "cache", "settings"]
-    assert children("worker:reindex  [internal]") == ["db", "settings"]
-    assert children("health:db  [internal]") == ["db (as value)"]
+    assert children("worker:warm_cache  [worker]") == ["db", "cache", "settings"]
+    assert children("worker:reindex  [worker]") == ["db", "settings"]
+    assert children("health:db  [health check]") == ["db (as value)"]
     assert "    └── settings" in lines  # db and cache drawn with their own dependency
-    assert "periodic:report_items  [internal]" in lines
+    assert "periodic:report_items  [periodic]" in lines
+    # Lifecycle's own machinery is told apart from what the user declared.
+    assert "health:event_loop  [lifecycle's own]" in lines
+    assert not any("[internal]" in line for line in lines)
 
 
 # -- the timeline as a Gantt chart --------------------------------------------------------
