@@ -21,6 +21,7 @@ function's parameters into the services they receive, for every kind of declarat
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import difflib
 import enum
@@ -28,8 +29,10 @@ import inspect
 import logging
 import math
 import sys
+import textwrap
 import time
 import types
+import warnings
 from collections.abc import AsyncIterator, Callable, Generator, Iterator, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
@@ -107,6 +110,7 @@ class Service(Generic[T_co]):
     health: Callable[..., Any] | None = field(default=None, repr=False)
     internal: bool = field(default=False, repr=False)
     kind: str = field(default="service", repr=False)
+    check: Callable[[Mapping[str, Service[Any]]], None] | None = field(default=None, repr=False)
 
 
 class Hooks(Protocol):
@@ -337,11 +341,15 @@ class Kernel:
         health: Callable[..., Any] | None = None,
         internal: bool = False,
         kind: str = "service",
+        check: Callable[[Mapping[str, Service[Any]]], None] | None = None,
     ) -> Service[Any]:
         """Declare the service ``fn`` runs; `Lifecycle.service` is the decorator over this.
 
         Extensions declare their own services with ``internal=True``: those run in the graph
-        like any other, but are left out of the values handed to the app.
+        like any other, but are left out of the values handed to the app. An extension's
+        ``check`` is called with every declared service when the graph is validated, before
+        anything starts, and raises `GraphError` to refuse the graph with a message of its
+        own (a worker pool says "put the job parameter first").
 
         Raises:
             GraphError: The name is taken, or the parameters cannot be wired.
@@ -351,7 +359,7 @@ class Kernel:
         """
         start_timeout = seconds("start_timeout", start_timeout, optional=True)
         stop_timeout = seconds("stop_timeout", stop_timeout, optional=True)
-        name, form = _service_form(fn, name)
+        name, form = _service_form(fn, name, kind)
         service: Service[Any] = Service(
             name=name,
             fn=fn,
@@ -363,6 +371,7 @@ class Kernel:
             health=health,
             internal=internal,
             kind=kind,
+            check=check,
         )
         if self._state in _ACTIVE:
             raise RuntimeError(
@@ -679,7 +688,9 @@ _RUN_MOVES_WHY = {
 }
 
 
-def _service_form(fn: Callable[..., Any], name: str | None) -> tuple[str, ServiceForm]:
+def _service_form(
+    fn: Callable[..., Any], name: str | None, kind: str = "service"
+) -> tuple[str, ServiceForm]:
     """The name of the service ``fn`` runs, and which of the two kinds of function it is."""
     if not callable(fn):
         raise TypeError(f"@lc.service decorates a function, not {fn!r}.")
@@ -688,13 +699,36 @@ def _service_form(fn: Callable[..., Any], name: str | None) -> tuple[str, Servic
         raise TypeError(
             f"Cannot name the service {fn!r}; pass a non-empty string with @lc.service(name=...)."
         )
+    wrapped = getattr(fn, "__wrapped__", None)
+    if (
+        not inspect.isasyncgenfunction(fn)
+        and wrapped is not None
+        and inspect.isasyncgenfunction(wrapped)
+    ):
+        raise TypeError(
+            f"Service {name!r} is wrapped by a decorator such as @asynccontextmanager; "
+            f"remove it: @lc.service takes the async generator itself (lifecycle runs it as "
+            f"a context manager: code before the yield starts it, code after cleans up)."
+        )
     takes_status = TASK_STATUS in _signature(fn, "Service", name).parameters
+    if inspect.isgeneratorfunction(fn):
+        raise TypeError(
+            f"Service {name!r} is a plain generator (def ... yield); make it `async def`, "
+            f"so that its start and cleanup can await."
+        )
     if inspect.isasyncgenfunction(fn):
         if takes_status:
             raise TypeError(
                 f"Service {name!r} is an async generator and also takes task_status; use one "
                 f"form: yield the value once, or take task_status and call "
                 f"task_status.started(value)."
+            )
+        if kind == "service" and _yields_in_a_loop(fn):
+            warnings.warn(
+                f"Service {name!r} yields inside a loop, but a service yields exactly once "
+                f"(its value; the code after the yield is its cleanup). For a service that "
+                f"keeps working, take task_status, call task_status.started(value), then loop.",
+                stacklevel=_user_frame(),
             )
         return name, ServiceForm.GENERATOR
     if inspect.iscoroutinefunction(fn):
@@ -705,10 +739,64 @@ def _service_form(fn: Callable[..., Any], name: str | None) -> tuple[str, Servic
             f"generator that yields its value once (cleanup after the yield), or give it a "
             f"keyword parameter task_status and call task_status.started(value) when ready."
         )
+    if inspect.isfunction(fn) or inspect.ismethod(fn):
+        raise TypeError(
+            f"Service {name!r} is a plain function; make it an async generator that yields "
+            f"its value once (`async def {name}(...): ... yield value`), or an async "
+            f"function taking task_status that calls task_status.started(value)."
+        )
     raise TypeError(
         f"Service {name!r} must be an async generator function (yield the value once) or "
         f"an async function taking task_status, not {type(fn).__name__} {fn!r}."
     )
+
+
+def _user_frame() -> int:
+    """The ``stacklevel`` that points a warning at the first caller outside lifecycle."""
+    level = 2  # level 1 is the warning's own caller
+    frame: types.FrameType | None = sys._getframe(2)
+    while frame is not None:
+        module = frame.f_globals.get("__name__", "")
+        if module != "lifecycle" and not module.startswith("lifecycle."):
+            break
+        level, frame = level + 1, frame.f_back
+    return level
+
+
+def _not_ready(record: _Record) -> str:
+    """A hint for a start that timed out: what the service has not done yet."""
+    if record.service.form is ServiceForm.TASK and not record.reported:
+        return (
+            " It has not called task_status.started() yet: a long-running service must "
+            "call it once it is ready, then go on running until it is cancelled."
+        )
+    if record.service.form is ServiceForm.GENERATOR:
+        return " It has not yielded its value yet."
+    return ""
+
+
+def _yields_in_a_loop(fn: Callable[..., Any]) -> bool:
+    """Whether ``fn``'s own body yields inside a loop (a service must yield exactly once)."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
+    except (OSError, TypeError, SyntaxError):
+        return False  # no source to read (a lambda, the REPL): the shutdown check remains
+    function = next((n for n in ast.walk(tree) if isinstance(n, ast.AsyncFunctionDef)), None)
+    if function is None:
+        return False
+
+    def visit(node: ast.AST, in_loop: bool) -> bool:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda):
+                continue  # a nested function's yields are its own
+            looping = in_loop or isinstance(child, ast.For | ast.AsyncFor | ast.While)
+            if isinstance(child, ast.Yield | ast.YieldFrom) and in_loop:
+                return True
+            if visit(child, looping):
+                return True
+        return False
+
+    return visit(function, False)
 
 
 def _signature(fn: Callable[..., Any], kind: str, name: str) -> inspect.Signature:
@@ -812,7 +900,10 @@ class _Plan:
 
 
 def _plan(services: Mapping[str, Service[Any]]) -> _Plan:
-    """Validate the graph: every dependency known, no cycle."""
+    """Validate the graph: every extension's own check, every dependency known, no cycle."""
+    for service in services.values():
+        if service.check is not None:
+            service.check(services)
     dependents: dict[str, list[str]] = {name: [] for name in services}
     for service in services.values():
         for param, target in service.depends.items():
@@ -874,6 +965,7 @@ class _Record:
         "host_done",
         "hosting",
         "mark",
+        "reported",
         "service",
         "start_began",
         "start_deadline",
@@ -911,6 +1003,7 @@ class _Record:
         self.start_ended: float | None = None
         self.start_deadline = math.inf  # on the loop's clock
         self.hosting = False  # its host task is alive
+        self.reported = False  # a long-running service called task_status.started()
         self.busy = 0.0  # seconds its own code held the event loop (see `_metered`)
         self.mark = (0.0, 0.0)  # the run's and its own busy time as its current phase began
         self.stop_deadline = math.inf  # on the loop's clock
@@ -1013,7 +1106,7 @@ class _Run:
                 if record.state is ServiceState.STARTING:
                     record.error = TimeoutError(
                         f"Service {record.service.name!r} was still starting when the "
-                        f"startup_timeout of {startup_timeout}s ran out."
+                        f"startup_timeout of {startup_timeout}s ran out.{_not_ready(record)}"
                     )
                     self._fail_start(record)
                 elif record.state is ServiceState.PENDING and all(
@@ -1193,7 +1286,7 @@ class _Run:
         service = record.service
         error = TimeoutError(
             f"Service {service.name!r} did not start within its start_timeout of "
-            f"{service.start_timeout}s."
+            f"{service.start_timeout}s.{_not_ready(record)}"
         )
         self._held_the_loop_note(record, error)
         return error
@@ -1370,7 +1463,7 @@ class _Run:
 
         def ready() -> None:
             nonlocal reported, cut_after_reporting
-            reported = True
+            reported = record.reported = True
             abortable = self.starting.get(record)
             if abortable is not None and abortable.cancel_called:
                 # Startup was abandoned first: the start is cut (a shield now would keep the
@@ -1890,7 +1983,7 @@ def _startup_error(
 
 def _what_failed(exc: BaseException) -> str:
     if isinstance(exc, TimeoutError):
-        return f"timed out ({exc})"
+        return f"timed out ({describe(exc).removeprefix('TimeoutError: ').rstrip('.')})"
     return f"raised {describe(exc)}"
 
 

@@ -38,7 +38,7 @@ from ._kernel import Kernel, Service, parameters
 from ._observe import JobObserver, TaskObserver, job_observer, task_observer
 from ._toolkit import backoff_ceiling
 from ._validate import count, seconds
-from .exceptions import JobAbandoned, PoolClosed, QueueFull
+from .exceptions import GraphError, JobAbandoned, PoolClosed, QueueFull
 
 __all__ = [
     "BackgroundStatistics",
@@ -122,6 +122,33 @@ _PERIODIC_MOVES: dict[PeriodicState, set[PeriodicState]] = {
 # At most this much of the pool's stop deadline is kept for jobs cancelled at the end of
 # the drain to unwind (a tenth of the time left, when that is less).
 _UNWIND_MARGIN = 1.0
+
+
+_JOB_NAMES = frozenset({"job", "jobs", "item", "items", "task", "payload", "message", "msg"})
+
+
+def _check_job_first(
+    name: str,
+    handler: Callable[..., Any],
+    job: str,
+    targets: Mapping[str, str],
+    services: Mapping[str, Service[Any]],
+) -> None:
+    """Refuse a handler whose job parameter is not first (it would receive a job as a service)."""
+    misplaced = [param for param in targets if param in _JOB_NAMES]
+    if misplaced and misplaced[0] not in services:
+        first = misplaced[0]
+        why = f"{first!r} looks like the job, but the job is the first parameter ({job!r})"
+    elif job in services:
+        first = "job"
+        why = f"its first parameter, {job!r}, receives the job, not the service {job!r}"
+    else:
+        return
+    rest = [param for param in targets if param != first]
+    raise GraphError(
+        f"Worker handler {name!r}: {why}; put the job parameter first: "
+        f"def {getattr(handler, '__name__', name)}({', '.join([first, job, *rest])})."
+    )
 
 
 def _service_function(
@@ -315,6 +342,7 @@ class WorkerPool(Generic[J, R]):
             lifecycle, handler, kind="Worker handler", name=name, depends=depends, job=True
         )
         params = list(targets)
+        job = next(iter(inspect.signature(handler).parameters))
         is_async = inspect.iscoroutinefunction(handler)
         if cpu_bound and (is_async or params):
             raise TypeError(
@@ -359,6 +387,7 @@ class WorkerPool(Generic[J, R]):
             stop_timeout=stop_timeout,
             internal=True,
             kind="worker",
+            check=lambda services: _check_job_first(name, handler, job, targets, services),
         )
 
     def __repr__(self) -> str:

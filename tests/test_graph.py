@@ -116,7 +116,12 @@ def test_duplicate_name_is_a_graph_error() -> None:
 @pytest.mark.parametrize(
     ("source", "error", "message"),
     [
-        ("def svc():\n    return 1", TypeError, "must be an async generator function"),
+        ("def svc():\n    return 1", TypeError, r"plain function; make it an async generator"),
+        (
+            "def svc():\n    yield 1",
+            TypeError,
+            r"plain generator \(def \.\.\. yield\); make it `async",
+        ),
         ("async def svc():\n    return 1", TypeError, "without task_status"),
         ("async def svc(*, task_status):\n    yield 1", TypeError, "use one form"),
         ("async def svc(*deps):\n    yield 1", GraphError, r"takes \*deps"),
@@ -1489,3 +1494,90 @@ async def test_a_service_reporting_started_as_a_sibling_fails_is_rolled_back() -
     assert isinstance(info.value.rollback_errors["b"], RuntimeError)
     assert cleaned == ["b"]
     assert lc.service_state("b") is ServiceState.FAILED
+
+
+# -- the mistakes a newcomer makes, each with the message that fixes it ----------------------
+
+
+def test_an_asynccontextmanager_on_a_service_says_remove_the_decorator() -> None:
+    from contextlib import asynccontextmanager
+
+    lc = Lifecycle()
+    with pytest.raises(
+        TypeError,
+        match=r"'db' is wrapped by a decorator such as "
+        r"@asynccontextmanager; remove it",
+    ):
+
+        @lc.service
+        @asynccontextmanager
+        async def db() -> AsyncIterator[str]:
+            yield "db"
+
+
+def test_a_service_that_yields_in_a_loop_is_warned_about_at_declaration() -> None:
+    lc = Lifecycle()
+    with pytest.warns(UserWarning, match=r"'poller' yields inside a loop.*take task_status") as w:
+
+        @lc.service
+        async def poller() -> AsyncIterator[int]:
+            while True:
+                yield 1
+
+    assert w[0].filename == __file__  # pointed at the user's declaration
+
+
+async def test_a_long_running_service_that_never_reports_started_is_told_to() -> None:
+    lc = Lifecycle()
+
+    @lc.service(start_timeout=0.05)
+    async def listener(*, task_status: TaskStatus[str]) -> None:
+        await anyio.sleep_forever()
+
+    with pytest.raises(StartupError, match=r"has not called task_status\.started\(\) yet"):
+        async with lc.run():
+            pytest.fail("startup should not complete")  # pragma: no cover
+
+
+@pytest.mark.parametrize(
+    ("handler", "fix"),
+    [
+        ("async def index(db, job):\n    pass", r"'job' looks like the job.*def index\(job, db\)"),
+        (
+            "async def index(db):\n    pass",
+            r"receives the job, not the service 'db'.*index\(job, db\)",
+        ),
+    ],
+)
+def test_a_worker_handler_with_its_job_parameter_misplaced_is_told_to_put_it_first(
+    handler: str, fix: str
+) -> None:
+    lc = Lifecycle()
+    simple(lc, Log(), "db")
+    namespace: dict[str, Any] = {}
+    exec(handler, namespace)
+    lc.worker(namespace["index"])
+    with pytest.raises(GraphError, match=fix):
+        lc.validate()
+
+
+def test_a_typo_in_depends_is_refused_for_every_kind_of_declaration() -> None:
+    lc = Lifecycle()
+    simple(lc, Log(), "db")
+
+    async def handle(job: int, database: str) -> None:
+        pass
+
+    async def loop(database: str) -> None:
+        pass
+
+    for declare in (
+        lambda: lc.worker(handle, depends={"databse": "db"}),
+        lambda: lc.background(loop, depends={"databse": "db"}),
+        lambda: lc.periodic(loop, every=1.0, depends={"databse": "db"}),
+        lambda: lc.health_check(loop, depends={"databse": "db"}),
+    ):
+        with pytest.raises(
+            GraphError, match=r"depends=\{'databse': \.\.\.\}.*did you mean 'database'"
+        ):
+            declare()
