@@ -180,9 +180,8 @@ async def exercise(spec: Spec, service_timeout: float, backend: str) -> None:
     if startup_error is not None:
         failed = set(startup_error.failures)
         assert failed
-        assert failed - innocent(startup_error.failures) <= start_faulty, {
-            name: repr(exc) for name, exc in startup_error.failures.items()
-        }
+        blamed = failed - innocent(startup_error.failures) - start_faulty
+        assert not blamed, {name: repr(startup_error.failures[name]) for name in blamed}
         assert not failed & set(startup_error.cancelled)
         # Exactly the faulty starts failed: a faulty start that began either failed or was
         # cancelled because another one failed first.
@@ -221,7 +220,7 @@ def test_random_graphs_on_trio_with_a_mock_clock(spec: Spec) -> None:
     )
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(spec=graphs(ASYNCIO_FAULTS))
 def test_random_graphs_on_asyncio(spec: Spec) -> None:
-    anyio.run(exercise, spec, 0.06, "asyncio", backend="asyncio")
+    anyio.run(exercise, spec, 0.1, "asyncio", backend="asyncio")
