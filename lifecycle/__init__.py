@@ -116,3 +116,15 @@ from ._metrics import instrument_metrics as instrument_metrics
 from ._tracing import TRACER_NAME as TRACER_NAME
 from ._tracing import LifecycleTracing as LifecycleTracing
 from ._tracing import instrument_tracing as instrument_tracing
+
+# -- the adapter modules, reachable as attributes (lifecycle.fastapi.provide) ---------------
+# Imported on first use, so that `import lifecycle` needs none of their extras.
+_ADAPTERS = frozenset({"fastapi", "starlette", "httpx", "testing", "pytest_plugin"})
+
+
+def __getattr__(name: str) -> object:
+    if name in _ADAPTERS:
+        import importlib
+
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

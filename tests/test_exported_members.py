@@ -103,3 +103,25 @@ def test_the_pytest_plugin_provides_exactly_the_documented_fixtures() -> None:
     assert set(lifecycle.pytest_plugin.__all__) == PLUGIN_FIXTURES
     for name in PLUGIN_FIXTURES:
         assert getattr(lifecycle.pytest_plugin, name).__doc__, f"fixture {name} has no docstring"
+
+
+def test_the_adapter_modules_are_reachable_from_import_lifecycle_alone() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import lifecycle\n"
+        "print(lifecycle.fastapi.provide.__module__, lifecycle.starlette.health_routes.__name__,"
+        " lifecycle.httpx.DeadlineTransport.__name__, lifecycle.testing.lifespan_client.__name__)\n"
+        "try:\n"
+        "    lifecycle.nothing\n"
+        "except AttributeError as exc:\n"
+        "    print(exc)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert result.stdout.splitlines() == [
+        "lifecycle.fastapi health_routes DeadlineTransport lifespan_client",
+        "module 'lifecycle' has no attribute 'nothing'",
+    ]
