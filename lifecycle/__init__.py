@@ -32,6 +32,8 @@ from ._timeline import TimelineEntry as TimelineEntry
 # -- health (lifecycle/_health.py) ---------------------------------------------------------
 from ._health import HEALTH_JSON as HEALTH_JSON
 from ._health import CheckResult as CheckResult
+from ._health import CheckSpec as CheckSpec
+from ._health import check as check
 from ._health import ComponentHealth as ComponentHealth
 from ._health import HealthCheck as HealthCheck
 from ._health import HealthCheckStatistics as HealthCheckStatistics

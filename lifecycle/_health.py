@@ -49,12 +49,14 @@ from .exceptions import GraphError
 __all__ = [
     "HEALTH_JSON",
     "CheckResult",
+    "CheckSpec",
     "ComponentHealth",
     "HealthCheck",
     "HealthCheckStatistics",
     "HealthMonitor",
     "HealthReport",
     "HealthStatus",
+    "check",
 ]
 
 logger = logging.getLogger("lifecycle.health")
@@ -265,6 +267,57 @@ class HealthCheckStatistics:
 
 
 # -- checks -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CheckSpec:
+    """A service's own health check with its options: what `check` returns, for ``health=``.
+
+    Attributes:
+        fn: The check; it receives the service's value as its only argument.
+        interval: Seconds between the starts of two runs.
+        timeout: Seconds one run may take; a run cut off is a failure.
+        critical: Readiness fails while it fails.
+        liveness: Liveness fails while it fails, too.
+        failure_threshold: Consecutive failures before a passing check fails.
+        success_threshold: Consecutive successes before a failing check passes.
+    """
+
+    fn: Callable[[Any], Any]
+    interval: float = DEFAULT_INTERVAL
+    timeout: float = DEFAULT_TIMEOUT
+    critical: bool = True
+    liveness: bool = False
+    failure_threshold: int = DEFAULT_FAILURE_THRESHOLD
+    success_threshold: int = DEFAULT_SUCCESS_THRESHOLD
+
+
+def check(
+    fn: Callable[[Any], Any],
+    /,
+    *,
+    interval: float = DEFAULT_INTERVAL,
+    timeout: float = DEFAULT_TIMEOUT,
+    critical: bool = True,
+    liveness: bool = False,
+    failure_threshold: int = DEFAULT_FAILURE_THRESHOLD,
+    success_threshold: int = DEFAULT_SUCCESS_THRESHOLD,
+) -> CheckSpec:
+    """A service's own check with options, for ``@lc.service(health=check(ping, ...))``.
+
+    The options are those of `Lifecycle.health_check`, checked when the service is declared::
+
+        @lc.service(health=lifecycle.check(lambda db: db.ping(), interval=1.0, timeout=0.5))
+        async def db() -> AsyncIterator[Database]: ...
+
+    Returns:
+        The `CheckSpec` to pass as ``health=``.
+    """
+    if not callable(fn):
+        raise TypeError(f"check() takes the check function first, not {fn!r}.")
+    return CheckSpec(
+        fn, interval, timeout, critical, liveness, failure_threshold, success_threshold
+    )
 
 
 class HealthCheck:
@@ -776,9 +829,27 @@ class HealthMonitor:
         self._names[name] = f"a {kind}"
 
     def add_service_check(self, service: Service[Any]) -> HealthCheck:
-        """Run the ``health=`` function of ``service`` as a check named after the service."""
-        assert service.health is not None
-        return HealthCheck(self, service.health, name=service.name, _of_service=service)
+        """Run the ``health=`` check of ``service`` as a check named after the service."""
+        spec = service.health
+        if not isinstance(spec, CheckSpec):
+            if not callable(spec):
+                raise TypeError(
+                    f"health= of service {service.name!r} must be a check function or "
+                    f"lifecycle.check(fn, ...) with its options, not {spec!r}."
+                )
+            spec = CheckSpec(spec)
+        return HealthCheck(
+            self,
+            spec.fn,
+            name=service.name,
+            interval=spec.interval,
+            timeout=spec.timeout,
+            critical=spec.critical,
+            liveness=spec.liveness,
+            failure_threshold=spec.failure_threshold,
+            success_threshold=spec.success_threshold,
+            _of_service=service,
+        )
 
     @property
     def checks(self) -> Mapping[str, HealthCheck]:

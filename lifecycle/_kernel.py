@@ -90,8 +90,8 @@ class Service(Generic[T_co]):
             receives.
         start_timeout: Seconds its start may take, or ``None`` for no limit of its own.
         stop_timeout: Seconds its cleanup may take, or ``None`` for no limit of its own.
-        health: The service's own health check (``health=`` of `Lifecycle.service`), or
-            ``None``.
+        health: What ``health=`` of `Lifecycle.service` was given (a check function or a
+            `lifecycle.CheckSpec`), or ``None``; the kernel only keeps it.
         internal: Declared by an extension (a worker pool, a health checker): it runs in
             the graph like any service but is left out of the values handed to the app.
         kind: What declared it: ``"service"`` (`Lifecycle.service`), ``"worker"``,
@@ -107,7 +107,7 @@ class Service(Generic[T_co]):
     start_timeout: float | None
     stop_timeout: float | None
     form: ServiceForm = field(repr=False)
-    health: Callable[..., Any] | None = field(default=None, repr=False)
+    health: object | None = field(default=None, repr=False)
     internal: bool = field(default=False, repr=False)
     kind: str = field(default="service", repr=False)
     check: Callable[[Mapping[str, Service[Any]]], None] | None = field(default=None, repr=False)
@@ -338,7 +338,7 @@ class Kernel:
         depends: Mapping[str, Service[Any] | str] | None = None,
         start_timeout: float | None = None,
         stop_timeout: float | None = None,
-        health: Callable[..., Any] | None = None,
+        health: object | None = None,
         internal: bool = False,
         kind: str = "service",
         check: Callable[[Mapping[str, Service[Any]]], None] | None = None,

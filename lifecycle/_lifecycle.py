@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, Concatenate, Literal, Protocol, TypeVar, cast, overload
 
 from ._drain import Drain
-from ._health import HealthCheck, HealthMonitor
+from ._health import CheckSpec, HealthCheck, HealthMonitor
 from ._kernel import Kernel, Service
 from ._validate import seconds
 from ._workers import BackgroundTask, PeriodicJob, WorkerPool
@@ -97,7 +97,7 @@ class Lifecycle(Kernel):
         depends: Mapping[str, Service[Any] | str] | None = None,
         start_timeout: float | None = None,
         stop_timeout: float | None = None,
-        health: Callable[..., Any] | None = None,
+        health: Callable[..., Any] | CheckSpec | None = None,
     ) -> _ServiceDecorator: ...
 
     def service(
@@ -109,7 +109,7 @@ class Lifecycle(Kernel):
         depends: Mapping[str, Service[Any] | str] | None = None,
         start_timeout: float | None = None,
         stop_timeout: float | None = None,
-        health: Callable[..., Any] | None = None,
+        health: Callable[..., Any] | CheckSpec | None = None,
     ) -> Service[Any] | _ServiceDecorator:
         """Declare a service; use as ``@lc.service`` or ``@lc.service(...)``.
 

@@ -17,7 +17,8 @@ DOCUMENTED = {
     "WorkerPool", "WorkerStatistics", "BackgroundTask", "BackgroundStatistics",
     "SupervisorState", "PeriodicJob", "PeriodicStatistics", "PoolState", "PeriodicState",
     # health
-    "HealthStatus", "CheckResult", "ComponentHealth", "HealthReport", "HealthCheck",
+    "HealthStatus", "CheckResult", "CheckSpec", "check", "ComponentHealth", "HealthReport",
+    "HealthCheck",
     "HealthCheckStatistics", "HealthMonitor", "HEALTH_JSON",
     # deadlines and admission control
     "DeadlineMiddleware", "DeadlineStatistics", "remaining", "current_deadline",

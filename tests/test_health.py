@@ -1067,3 +1067,45 @@ async def test_a_check_stuck_in_a_thread_does_not_hold_up_shutdown() -> None:
     assert set(info.value.errors) == {"health:database"}
     assert "left to the process's exit" in str(info.value)
     await anyio.sleep(0.1)  # the released thread and its check end on their own
+
+
+async def test_a_services_own_check_takes_the_options_of_health_check() -> None:
+    lc = Lifecycle()
+    pings: list[str] = []
+    third = anyio.Event()
+
+    async def ping(client: str) -> None:
+        pings.append(client)
+        if len(pings) == 3:
+            third.set()
+        raise ConnectionError("down")
+
+    @lc.service(health=lifecycle.check(ping, interval=0.01, timeout=0.5, failure_threshold=2))
+    async def cache() -> AsyncIterator[str]:
+        yield "client"
+
+    own = lc.health.checks["cache"]
+    assert (own.interval, own.timeout, own.failure_threshold) == (0.01, 0.5, 2)
+    async with lc.run():
+        await third.wait()
+        assert own.statistics().status is HealthStatus.FAIL  # two failures in a row
+    assert set(pings) == {"client"}
+
+
+def test_a_services_own_check_refuses_bad_options_at_declaration() -> None:
+    lc = Lifecycle()
+
+    async def ping(client: str) -> None:
+        pass
+
+    with pytest.raises(ValueError, match="failure_threshold of health check 'cache'"):
+
+        @lc.service(health=lifecycle.check(ping, failure_threshold=0))
+        async def cache() -> AsyncIterator[str]:
+            yield "client"
+
+    with pytest.raises(TypeError, match=r"health= of service 'other' must be a check function"):
+
+        @lc.service(health="ping")  # type: ignore[arg-type]
+        async def other() -> AsyncIterator[str]:
+            yield "client"
