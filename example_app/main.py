@@ -95,7 +95,7 @@ async def upstream(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
     """An HTTP client for the upstream service; each call carries the request's deadline."""
     transport = DeadlineTransport(httpx.AsyncHTTPTransport(retries=1))
     async with httpx.AsyncClient(
-        base_url=settings.upstream_url, transport=transport, timeout=5.0
+        base_url=settings.upstream_url or "", transport=transport, timeout=5.0
     ) as client:
         yield client
 
@@ -285,8 +285,16 @@ async def reindex_items(database: DB, request: ReindexRequest | None = None) -> 
     return {"queued": len(ids)}
 
 
+def _itself(request: Request) -> str:
+    """This server's own address, as the request reached it (the default upstream)."""
+    host, port = request.scope.get("server") or ("127.0.0.1", 8000)
+    if host in ("0.0.0.0", "::", ""):  # noqa: S104 - a wildcard bind; ask over loopback
+        host = "127.0.0.1"
+    return f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+
+
 @app.get("/upstream/items")
-async def upstream_items(client: Upstream) -> list[Item]:
+async def upstream_items(client: Upstream, settings: SettingsDep, request: Request) -> list[Item]:
     """Items as the upstream service sees them; the call gets what is left of our deadline.
 
     An upstream that cannot be reached, or answers an error or something other than a list
@@ -294,7 +302,8 @@ async def upstream_items(client: Upstream) -> list[Item]:
     upstream's) stays the deadline middleware's 504.
     """
     try:
-        response = await client.get("/items")
+        base = "" if settings.upstream_url else _itself(request)
+        response = await client.get(f"{base}/items")
         response.raise_for_status()
         return _UPSTREAM_ITEMS.validate_json(response.content)
     except lifecycle.DeadlineExceeded:

@@ -12,7 +12,9 @@ class Settings:
 
     ``DATABASE_URL`` selects PostgreSQL (``postgresql://...``); without it the service uses
     SQLite at ``SQLITE_PATH``. ``REDIS_URL`` selects Redis; without it the cache lives in the
-    process, holding at most ``CACHE_MAX_ENTRIES`` entries.
+    process, holding at most ``CACHE_MAX_ENTRIES`` entries. ``UPSTREAM_URL`` is the service
+    ``/upstream/items`` asks; without it, the service asks itself, at the address and port
+    the request came in on, whatever port it was started with.
     """
 
     database_url: str | None
@@ -21,7 +23,7 @@ class Settings:
     cache_ttl: float
     cache_max_entries: int
     reindex_seconds: float
-    upstream_url: str
+    upstream_url: str | None
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -32,5 +34,5 @@ class Settings:
             cache_ttl=float(os.environ.get("CACHE_TTL", "30")),
             cache_max_entries=int(os.environ.get("CACHE_MAX_ENTRIES", "10000")),
             reindex_seconds=float(os.environ.get("REINDEX_SECONDS", "0.05")),
-            upstream_url=os.environ.get("UPSTREAM_URL", "http://127.0.0.1:8000"),
+            upstream_url=os.environ.get("UPSTREAM_URL") or None,
         )

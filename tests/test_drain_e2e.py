@@ -19,6 +19,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import anyio
 import httpx
@@ -239,3 +240,17 @@ async def test_each_worker_process_drains_under_workers_2(server_factory: object
     bound = SUPERVISOR_POLL + WORKERS_DRAIN_DELAY + GRACE + 2
     assert took <= bound, f"exit took {took:.1f}s\n{log}"
     assert log.count("Drain begun: readiness now fails.") == 2, log
+
+
+async def test_the_upstream_follows_the_port_the_app_was_started_on(
+    server_factory: Any,
+) -> None:
+    """Without UPSTREAM_URL, /upstream/items asks this same server, on whatever port."""
+    server = server_factory(UPSTREAM_URL="")
+    async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+        await wait_ready(client, server)
+        created = await client.post("/items", json={"name": "seen from upstream"})
+        assert created.status_code == 201
+        response = await client.get("/upstream/items")
+        assert response.status_code == 200, response.text
+        assert {"seen from upstream"} <= {item["name"] for item in response.json()}
