@@ -293,6 +293,9 @@ class Observers:
 # -- the kernel -----------------------------------------------------------------------------
 
 
+_NO_APP: Any = object()  # lifespan() called without the app: a mistake with a message
+
+
 class Kernel:
     """Declares services and governs their life: start, run, stop.
 
@@ -487,7 +490,7 @@ class Kernel:
         if error is not None:
             raise error
 
-    def lifespan(self, app: object) -> AbstractAsyncContextManager[dict[str, Any]]:
+    def lifespan(self, app: object = _NO_APP) -> AbstractAsyncContextManager[dict[str, Any]]:
         """The ASGI lifespan: ``Starlette(lifespan=lc.lifespan)``, ``FastAPI(lifespan=...)``.
 
         Yields the lifespan state ``{service name: value}``, so ``request.state.<name>`` works
@@ -498,7 +501,17 @@ class Kernel:
 
         Returns:
             An async context manager running the services for the app's lifetime.
+
+        Raises:
+            TypeError: It was called without the app: ``lifespan=lc.lifespan()`` instead of
+                ``lifespan=lc.lifespan``.
         """
+        if app is _NO_APP:
+            raise TypeError(
+                "lc.lifespan was called without the app; pass the method itself, uncalled: "
+                "FastAPI(lifespan=lc.lifespan), not lifespan=lc.lifespan(). To run the "
+                "services outside an app, use `async with lc.run():`."
+            )
         return self._lifespan()
 
     @asynccontextmanager

@@ -1581,3 +1581,10 @@ def test_a_typo_in_depends_is_refused_for_every_kind_of_declaration() -> None:
             GraphError, match=r"depends=\{'databse': \.\.\.\}.*did you mean 'database'"
         ):
             declare()
+
+
+def test_calling_lifespan_instead_of_passing_it_says_how_to_pass_it() -> None:
+    with pytest.raises(
+        TypeError, match=r"FastAPI\(lifespan=lc\.lifespan\), not lifespan=lc\.lifespan\(\)"
+    ):
+        Lifecycle().lifespan()
