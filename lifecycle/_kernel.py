@@ -440,6 +440,7 @@ class Kernel:
             self._set_state(self._state)
             raise
         self._graph_error = None
+        _show_logs_by_default()
         self._begin_run()
         run = _Run(self, plan)
         self._run = run
@@ -762,6 +763,28 @@ def _service_form(
         f"Service {name!r} must be an async generator function (yield the value once) or "
         f"an async function taking task_status, not {type(fn).__name__} {fn!r}."
     )
+
+
+def _show_logs_by_default() -> None:
+    """Make lifecycle's INFO lines visible when nothing configured logging at all.
+
+    Under a plain ``uvicorn module:app`` no one configures the root logger (uvicorn sets up
+    only its own loggers), so the startup summary and the drain's lines would go nowhere.
+    Then, and only then, the ``lifecycle`` logger gets a handler of its own, writing to
+    stderr; the root logger is left alone. It steps aside as soon as the root logger has a
+    handler (the app configured logging after all), and it is never added when the
+    ``lifecycle`` logger already has one: add ``logging.NullHandler()`` to it to turn this off.
+    """
+    package = logging.getLogger("lifecycle")
+    if package.handlers or logging.getLogger().handlers:
+        return
+    handler = logging.StreamHandler()
+    handler.set_name("lifecycle: shown by default")
+    handler.setFormatter(logging.Formatter("%(levelname)s:%(name)s: %(message)s"))
+    handler.addFilter(lambda record: not logging.getLogger().handlers)
+    package.addHandler(handler)
+    if package.level == logging.NOTSET:
+        package.setLevel(logging.INFO)
 
 
 def _user_frame() -> int:
@@ -1218,11 +1241,12 @@ class _Run:
     def _fail_start(self, record: _Record) -> None:
         record.state = ServiceState.FAILED
         record.start_ended = self.now()
+        # No traceback here: the StartupError raised at the end carries this error as its
+        # cause, and whoever runs the lifespan prints it once (uvicorn does).
         logger.error(
             "Service %r failed to start: %s",
             record.service.name,
             describe(record.error),
-            exc_info=record.error,
             extra={"service": record.service.name, "phase": "start"},
         )
 

@@ -60,6 +60,17 @@ logger = logging.getLogger("lifecycle.workers")
 Overflow = Literal["wait", "reject"]
 
 
+_SAMPLE = 5  # abandoned jobs named in the one line that reports them
+
+
+def _short_repr(payload: object) -> str:
+    try:
+        text = repr(payload)
+    except Exception:
+        text = f"<{type(payload).__name__}>"
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 class PoolState(enum.Enum):
     """Where a worker pool is: ``PENDING -> RUNNING -> DRAINING -> STOPPED``, then again.
 
@@ -394,6 +405,7 @@ class WorkerPool(Generic[J, R]):
         return f"<WorkerPool {self.name!r} concurrency={self.concurrency}>"
 
     def _reset_counters(self) -> None:
+        self._abandoned_sample: list[str] = []
         self._running = 0
         self._accepted = 0
         self._completed = 0
@@ -561,6 +573,14 @@ class WorkerPool(Generic[J, R]):
             # awaiting anything, so that no cancellation can skip it.
             leftover = self._abandon_queued(receive)
             self._enter(PoolState.STOPPED)
+            sample = self._abandoned_sample
+            count = self._abandoned - abandoned_before
+            more = count - len(sample)
+            jobs = (
+                f"; the first: {', '.join(sample)}{f' (and {more} more)' if more > 0 else ''}"
+                if sample
+                else ""
+            )
             self._receive = None
             if drained:
                 logger.debug(
@@ -572,21 +592,23 @@ class WorkerPool(Generic[J, R]):
             elif self._is_async or self.cpu_bound:
                 logger.warning(
                     "Worker pool %r stopped draining when %s: %d running jobs were cancelled "
-                    "and %d queued jobs abandoned",
+                    "and %d queued jobs abandoned%s",
                     self.name,
                     self._cut_off,
-                    self._abandoned - abandoned_before - leftover,
+                    count - leftover,
                     leftover,
-                    extra={"pool": self.name, "phase": "drain"},
+                    jobs,
+                    extra={"pool": self.name, "phase": "drain", "abandoned": count},
                 )
             else:
                 logger.warning(
                     "Worker pool %r stopped draining when %s: it waited for the running jobs, "
-                    "as a thread cannot be cancelled, and abandoned %d queued jobs",
+                    "as a thread cannot be cancelled, and abandoned %d queued jobs%s",
                     self.name,
                     self._cut_off,
                     leftover,
-                    extra={"pool": self.name, "phase": "drain"},
+                    jobs,
+                    extra={"pool": self.name, "phase": "drain", "abandoned": count},
                 )
 
     def _drain_deadline(self) -> float:
@@ -722,14 +744,9 @@ class WorkerPool(Generic[J, R]):
                 self.on_abandoned(item.payload, why)
             except Exception:
                 logger.exception("on_abandoned of worker pool %r raised", self.name)
-        else:
-            logger.warning(
-                "Worker pool %r abandoned job %r: %s",
-                self.name,
-                item.payload,
-                why,
-                extra={"pool": self.name, "job": repr(item.payload)},
-            )
+        elif len(self._abandoned_sample) < _SAMPLE:
+            # Reported once, with the count, when the pool stops: one line, not one per job.
+            self._abandoned_sample.append(_short_repr(item.payload))
 
     # -- inspecting -----------------------------------------------------------------------
 

@@ -1059,3 +1059,27 @@ async def test_a_periodic_job_reports_each_state_of_its_life() -> None:
     assert tick.statistics().state is PeriodicState.STOPPED
     with pytest.raises(RuntimeError, match="cannot go from stopped to running"):
         tick._enter(PeriodicState.RUNNING)
+
+
+async def test_abandoned_jobs_are_reported_in_one_line_with_the_first_few(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    lc = Lifecycle(shutdown_timeout=5)
+    started = anyio.Event()
+
+    @lc.worker(concurrency=1, queue_size=100, drain_timeout=0.05)
+    async def slow(job: int) -> None:
+        started.set()
+        await anyio.sleep_forever()
+
+    with caplog.at_level(logging.WARNING, logger="lifecycle.workers"):
+        async with lc.run():
+            for n in range(50):
+                slow.submit_nowait(n)
+            await started.wait()
+    lines = [r.getMessage() for r in caplog.records if r.name == "lifecycle.workers"]
+    assert lines == [
+        "Worker pool 'slow' stopped draining when the drain_timeout ran out: 1 running jobs "
+        "were cancelled and 49 queued jobs abandoned; the first: 0, 1, 2, 3, 4 (and 45 more)"
+    ]
+    assert slow.statistics().abandoned == 50
