@@ -28,9 +28,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import random
 from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping
 from contextvars import Token
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import anyio
 
@@ -73,7 +74,10 @@ _INSTALL_HINT = "pip install 'lifecycle[tracing]'"
 
 
 def instrument_tracing(
-    lifecycle: Lifecycle, *, tracer_provider: TracerProvider | None = None
+    lifecycle: Lifecycle,
+    *,
+    tracer_provider: TracerProvider | None = None,
+    health_runs: Literal["changes", "all"] = "changes",
 ) -> LifecycleTracing:
     """Trace ``lifecycle``'s startup, shutdown, restarts and jobs with OpenTelemetry.
 
@@ -87,6 +91,12 @@ def instrument_tracing(
         lifecycle: The `Lifecycle` to trace.
         tracer_provider: Where the spans go; ``None`` for the global tracer provider
             (``opentelemetry.trace.set_tracer_provider``), looked up when each span starts.
+        health_runs: Which health-check runs get a span (each the root of a trace of its
+            own): ``"changes"`` (the default) the first run, every failing run and the first
+            passing run after a failure; ``"all"`` every run. A check runs every few seconds,
+            and a span per run would be tens of thousands of traces a day per process. Under
+            ``"changes"``, what the check's own code traces (a database driver's spans) is
+            not sampled unless the run gets its span.
 
     Returns:
         The tracing; `LifecycleTracing.close` stops it.
@@ -110,8 +120,11 @@ def instrument_tracing(
         verb="traces",
         handle="LifecycleTracing",
     )
+    if health_runs not in ("changes", "all"):
+        raise ValueError(f"health_runs must be 'changes' or 'all', not {health_runs!r}.")
     tracer = trace.get_tracer(TRACER_NAME, _version(), tracer_provider=tracer_provider)
     tracing = LifecycleTracing(lifecycle, tracer)
+    tracing._observer.every_health_run = health_runs == "all"
     attach(lifecycle, tracing._observer)
     return tracing
 
@@ -287,6 +300,7 @@ class _TracingObserver(Observer):
         # The stand-in of each service's phase span is made current in its host task while it
         # starts or stops.
         self.tokens: dict[str, Token[Context]] = {}
+        self.every_health_run = False
 
     # -- startup and shutdown ----------------------------------------------------------------
 
@@ -423,7 +437,7 @@ class _TracingObserver(Observer):
 
     def health_check(self, check: HealthCheck) -> TaskObserver:
         links = self._links_to_start(check.service)
-        return _TracedCheck(self.tracer, check, links)
+        return _TracedCheck(self.tracer, check, links, every_run=self.every_health_run)
 
 
 class _TracedJobs(JobObserver):
@@ -543,9 +557,76 @@ class _TracedRun(_TracedTask):
 class _TracedCheck(_TracedTask):
     """The runs of a health check, which its ``timeout`` may cut off."""
 
-    def __init__(self, tracer: Tracer, check: HealthCheck, links: list[Link]) -> None:
+    def __init__(
+        self, tracer: Tracer, check: HealthCheck, links: list[Link], *, every_run: bool
+    ) -> None:
         super().__init__(tracer, f"health {check.name}", {"lifecycle.check": check.name}, links)
         self.check = check
+        self.every_run = every_run
+        self.failing: bool | None = None  # how the last run went; None before the first
+
+    async def _traced(self, run: Awaitable[R]) -> R:
+        if self.every_run:
+            return await super()._traced(run)
+        import time
+
+        from opentelemetry.trace import (
+            NonRecordingSpan,
+            SpanContext,
+            TraceFlags,
+            set_span_in_context,
+        )
+
+        # Run under an unsampled parent, so that the spans of what the check calls are not
+        # sampled either (a parent-based sampler follows it): a run that gets no span of its
+        # own leaves no trace at all.
+        unsampled = NonRecordingSpan(
+            SpanContext(
+                trace_id=random.getrandbits(128) or 1,
+                span_id=random.getrandbits(64) or 1,
+                is_remote=False,
+                trace_flags=TraceFlags(TraceFlags.DEFAULT),
+            )
+        )
+        from opentelemetry import context
+
+        began = time.time_ns()
+        timed_out = self._timeout()
+        token = context.attach(set_span_in_context(unsampled))
+        try:
+            result = await run
+        except BaseException as exc:
+            context.detach(token)
+            error: BaseException = exc
+            if timed_out is not None and isinstance(exc, anyio.get_cancelled_exc_class()):
+                error = timed_out() or exc
+            span = self._start_at(began)
+            _fail(span, error)
+            span.end()
+            self.failing = True
+            raise
+        context.detach(token)
+        failed = _check_failed(result)
+        if failed or self.failing is not False:  # a failure, a recovery, or the first run
+            span = self._start_at(began)
+            if failed:
+                from opentelemetry.trace import Status, StatusCode
+
+                span.set_status(Status(StatusCode.ERROR, "the check reported a failure"))
+            span.end()
+        self.failing = failed
+        return result
+
+    def _start_at(self, began: int) -> Span:
+        from opentelemetry.context import Context
+
+        return self.tracer.start_span(
+            self.span_name,
+            context=Context(),
+            links=self.links,
+            attributes=self.attributes,
+            start_time=began,
+        )
 
     def _timeout(self) -> Callable[[], TimeoutError | None] | None:
         # The check cancels a run at its timeout and counts the timeout at once, before the
@@ -562,6 +643,15 @@ class _TracedCheck(_TracedTask):
             )
 
         return timed_out
+
+
+def _check_failed(result: object) -> bool:
+    """Whether what a check's run returned reports a failure (``False``, a failing result)."""
+    from ._health import CheckResult, HealthStatus
+
+    if result is False:
+        return True
+    return isinstance(result, CheckResult) and result.status is HealthStatus.FAIL
 
 
 @contextlib.contextmanager

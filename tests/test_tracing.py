@@ -556,7 +556,7 @@ async def test_instrument_tracing_refuses_what_it_cannot_do(spans: Spans) -> Non
             instrument_tracing(lc, tracer_provider=spans.provider)
 
 
-async def test_each_health_check_run_is_a_span(spans: Spans) -> None:
+async def test_each_health_check_run_is_a_span_when_asked(spans: Spans) -> None:
     lc = Lifecycle()
 
     @lc.service
@@ -567,7 +567,7 @@ async def test_each_health_check_run_is_a_span(spans: Spans) -> None:
     async def ping(db: str) -> None:
         pass
 
-    instrument_tracing(lc, tracer_provider=spans.provider)
+    instrument_tracing(lc, tracer_provider=spans.provider, health_runs="all")
     async with lc.run():
         with anyio.fail_after(5):
             while len(spans.named("health ping")) < 2:  # noqa: ASYNC110 - runs are periodic
@@ -603,3 +603,45 @@ async def test_the_request_span_gets_the_deadline(spans: Spans) -> None:
     assert attributes["lifecycle.deadline.budget_ms"] == 1000  # clamped to max_timeout
     assert 900 < int(attributes["lifecycle.deadline.remaining_ms"]) <= 1000  # type: ignore[arg-type]
     assert attributes["lifecycle.deadline.outcome"] == "completed"
+
+
+async def test_by_default_only_the_runs_that_change_something_are_traced(spans: Spans) -> None:
+    """The first run, each failure and the first pass after one; the check's own calls are
+    traced only within those runs."""
+    lc = Lifecycle()
+    outcomes = iter([True, True, False, False, True, True, True])
+    done = anyio.Event()
+    tracer = spans.provider.get_tracer("the check's driver")
+
+    @lc.health_check(interval=0.001, timeout=1)
+    async def ping() -> bool:
+        with tracer.start_as_current_span("driver call"):
+            pass
+        outcome = next(outcomes, None)
+        if outcome is None:
+            done.set()
+            return True
+        return outcome
+
+    instrument_tracing(lc, tracer_provider=spans.provider)
+    async with lc.run():
+        with anyio.fail_after(5):
+            await done.wait()
+    runs = spans.named("health ping")
+    # run 1 (first), 3 and 4 (failing), 5 (recovered): not 2, 6, 7 or the last.
+    assert [span.status.status_code for span in runs] == [
+        StatusCode.UNSET,
+        StatusCode.ERROR,
+        StatusCode.ERROR,
+        StatusCode.UNSET,
+    ]
+    assert all(span.parent is None for span in runs)
+    # The driver's spans exist only as children of the runs that were traced.
+    assert {span.parent.span_id for span in spans.named("driver call")} == {
+        span.context.span_id for span in runs
+    } or len(spans.named("driver call")) == 0
+
+
+def test_health_runs_must_be_changes_or_all() -> None:
+    with pytest.raises(ValueError, match="health_runs must be 'changes' or 'all'"):
+        instrument_tracing(Lifecycle(), health_runs="some")  # type: ignore[arg-type]
