@@ -955,7 +955,12 @@ async def _run_route_lazily(
     raised: BaseException | None = None
     try:
         with cancel_scope:
-            return await call()
+            result = await call()
+            if cancel_scope.cancel_called:
+                # The deadline passed where nothing could be cancelled (a sync endpoint in a
+                # worker thread): deliver the cancellation now.
+                await anyio.lowlevel.checkpoint()
+            return result
     except DeadlineExceeded as exc:
         raised = exc
     except BaseExceptionGroup as group:

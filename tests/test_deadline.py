@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
 import logging
 import math
 import re
 import threading
 import time
+import weakref
 from collections.abc import AsyncIterator
 from functools import partial
 from typing import Any
@@ -1079,3 +1081,252 @@ def test_statistics_are_a_frozen_snapshot() -> None:
 def test_remaining_outside_any_event_loop_or_request_is_none() -> None:
     assert lifecycle.remaining() is None
     assert lifecycle.current_deadline() is None
+
+
+# -- 8. the request's scope: anyio's semantics on both code paths -----------------------------
+# Each runs with the fast scope and with plain anyio scopes (`timer_mode`), and, on asyncio,
+# in a task anyio did not create, as a server runs requests (`in_server_task`): that is where
+# the fast scope takes its short path.
+
+
+async def in_server_task(call: Any) -> Any:
+    """Await ``call()`` in a fresh task and context that anyio knows nothing of (asyncio)."""
+    if sniffio_backend() != "asyncio":
+        return await call()
+    loop = asyncio.get_running_loop()
+    return await loop.create_task(call(), context=contextvars.Context())
+
+
+def sniffio_backend() -> str:
+    import sniffio
+
+    return sniffio.current_async_library()
+
+
+def status_of(sent: list[dict[str, Any]]) -> int:
+    (start,) = [m for m in sent if m["type"] == "http.response.start"]
+    return int(start["status"])
+
+
+async def test_nested_timeouts_compose_with_the_request_deadline(timer_mode: bool) -> None:
+    seen_inside: dict[str, float] = {}
+
+    async def endpoint(request: Request) -> JSONResponse:
+        outer = anyio.current_effective_deadline()
+        with anyio.move_on_after(0.05) as shorter:
+            seen_inside["shorter"] = anyio.current_effective_deadline() - shorter.deadline
+            await anyio.sleep(1)
+        with anyio.fail_after(60):  # longer than the request's: the request's still binds
+            seen_inside["longer"] = anyio.current_effective_deadline() - outer
+            await anyio.lowlevel.checkpoint()
+        seen_inside["after"] = anyio.current_effective_deadline() - outer
+        return JSONResponse({"moved_on": shorter.cancelled_caught})
+
+    app = wrap([Route("/", endpoint)], default_timeout=5.0)
+    sent = await in_server_task(lambda: raw_call(app))
+    assert status_of(sent) == 200
+    assert json.loads(sent[-1]["body"]) == {"moved_on": True}
+    assert seen_inside == {"shorter": 0.0, "longer": 0.0, "after": 0.0}
+
+
+async def test_expiry_never_interrupts_a_shielded_block(timer_mode: bool) -> None:
+    finished: list[str] = []
+
+    async def endpoint(request: Request) -> Response:
+        with anyio.CancelScope(shield=True):
+            await anyio.sleep(0.1)  # well past the 20 ms deadline
+            finished.append("shielded")
+        await anyio.sleep(1)
+        raise AssertionError("unreachable")
+
+    app = wrap([Route("/", endpoint)], default_timeout=0.02, reserve=0.0)
+    sent = await in_server_task(lambda: raw_call(app))
+    assert status_of(sent) == 504
+    assert finished == ["shielded"]
+
+
+async def test_a_task_group_in_the_handler_is_cancelled_into_a_504(timer_mode: bool) -> None:
+    children_cancelled = 0
+
+    async def child() -> None:
+        nonlocal children_cancelled
+        try:
+            await anyio.sleep_forever()
+        finally:
+            children_cancelled += 1
+
+    async def endpoint(request: Request) -> Response:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(child)
+            tg.start_soon(child)
+            await anyio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    app = Starlette(routes=[Route("/", endpoint)])
+    app.add_middleware(lifecycle.DeadlineMiddleware, default_timeout=0.02, reserve=0.0)
+    sent = await in_server_task(lambda: raw_call(app))  # an ExceptionGroup would raise here
+    assert status_of(sent) == 504
+    assert children_cancelled == 2
+
+
+async def test_cancellation_is_level_triggered(timer_mode: bool) -> None:
+    swallowed = 0
+
+    async def endpoint(request: Request) -> Response:
+        nonlocal swallowed
+        for _ in range(3):
+            try:
+                await anyio.sleep(1)
+            except anyio.get_cancelled_exc_class():
+                swallowed += 1  # a handler that swallows it: cancelled again at the next await
+        await anyio.sleep(1)
+        raise AssertionError("unreachable")
+
+    app = wrap([Route("/", endpoint)], default_timeout=0.02, reserve=0.0)
+    sent = await in_server_task(lambda: raw_call(app))
+    assert status_of(sent) == 504
+    assert swallowed == 3
+
+
+async def test_no_cancellation_is_left_for_the_next_request_in_the_same_task(
+    timer_mode: bool,
+) -> None:
+    async def endpoint(request: Request) -> Response:
+        if request.query_params.get("slow"):
+            await anyio.sleep(1)
+        await anyio.sleep(0.03)  # longer than the first request's deadline
+        return PlainTextResponse("ok")
+
+    app = wrap([Route("/", endpoint)], default_timeout=5.0, reserve=0.0)
+
+    async def keep_alive() -> list[int]:
+        statuses = []
+        for headers in ([(b"x-request-timeout-ms", b"10")], [], [(b"grpc-timeout", b"1S")]):
+            statuses.append(status_of(await raw_call(app, headers=headers)))
+            assert anyio.current_effective_deadline() == math.inf
+            if sniffio_backend() == "asyncio":
+                task = asyncio.current_task()
+                assert task is not None
+                assert task.cancelling() == 0
+        await anyio.sleep(0.05)  # nothing pending is delivered later either
+        return statuses
+
+    assert await in_server_task(keep_alive) == [504, 200, 200]
+
+
+async def test_an_outer_cancellation_passes_through_the_request_scope(timer_mode: bool) -> None:
+    entered = anyio.Event()
+
+    async def endpoint(request: Request) -> Response:
+        entered.set()
+        await anyio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    app = wrap([Route("/", endpoint)], default_timeout=30.0)
+    sent: list[dict[str, Any]] = []
+
+    async def serve() -> None:
+        sent.extend(await raw_call(app))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(in_server_task, serve)
+        await entered.wait()
+        tg.cancel_scope.cancel()
+    assert sent == []
+    assert app.statistics().expired == 0
+
+
+def test_the_fast_scope_self_test_fails_a_scope_that_leaves_its_task_state_behind(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The self-test checks behaviour, not attribute names: a scope whose clean exit forgets
+    # to restore the task's state fails it, and the middleware would use anyio.CancelScope.
+    original = _deadline._LeanScope.__exit__
+
+    def leaky_exit(self: Any, *exc_info: Any) -> bool:
+        state = _deadline._task_data.get(weakref.ref(self._host_task))
+        result: bool = original(self, *exc_info)
+        if state is not None and state.cancel_scope is None:
+            state.cancel_scope = self  # left behind
+        return result
+
+    assert _deadline._lean_scope_works()
+    monkeypatch.setattr(_deadline._LeanScope, "__exit__", leaky_exit)
+    assert not _deadline._lean_scope_works()
+
+
+# -- 9. the pass-through ----------------------------------------------------------------------
+
+
+async def test_without_header_default_or_route_timeout_the_request_passes_straight_through(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(_deadline, "_route_timeouts_need_scope", False)
+    opened: list[float] = []
+    real_open = _deadline._open_scope
+
+    def counting_open(loop: Any, deadline: float) -> Any:
+        opened.append(deadline)
+        return real_open(loop, deadline)
+
+    monkeypatch.setattr(_deadline, "_open_scope", counting_open)
+    received_send: list[Any] = []
+    inner = Starlette(routes=[Route("/", seen)])
+
+    async def spy(scope: Any, receive: Any, send: Any) -> None:
+        received_send.append(send)
+        await inner(scope, receive, send)
+
+    app = lifecycle.DeadlineMiddleware(spy)
+    sends: list[Any] = []
+
+    async def server_send(message: Any) -> None:
+        sends.append(message)
+
+    request_scope = {"type": "http", "method": "GET", "path": "/", "headers": [], "root_path": ""}
+    request_scope |= {"query_string": b"", "scheme": "http", "server": ("t", 80)}
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    await in_server_task(lambda: app(request_scope, receive, server_send))
+    assert received_send == [server_send]  # the server's own send: no wrapper
+    assert opened == []  # no scope, so no timer
+    assert json.loads(sends[-1]["body"]) == {"remaining": None, "effective_deadline_left": None}
+    # With a header, the same middleware opens a scope.
+    request_scope["headers"] = [(b"x-request-timeout-ms", b"5000")]
+    await in_server_task(lambda: app(request_scope, receive, server_send))
+    assert len(opened) == 1
+
+
+async def test_a_route_timeout_in_a_passed_through_request_opens_its_scope_lazily(
+    monkeypatch: pytest.MonkeyPatch, timer_mode: bool
+) -> None:
+    monkeypatch.setattr(_deadline, "_route_timeouts_need_scope", False)
+
+    @lifecycle.request_timeout(0.05)
+    async def short(request: Request) -> Response:
+        await anyio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    @lifecycle.request_timeout(30.0)
+    async def long(request: Request) -> JSONResponse:
+        return budget_seen(request)
+
+    @lifecycle.request_timeout(0.05)
+    def sync_short(request: Request) -> JSONResponse:
+        time.sleep(0.1)  # cannot be cancelled: answered 504 when it returns
+        return JSONResponse({})
+
+    app = Starlette(
+        routes=[Route("/short", short), Route("/long", long), Route("/sync", sync_short)]
+    )
+    app.add_middleware(lifecycle.DeadlineMiddleware, reserve=0.0)
+    async with client(app) as http:
+        assert_expired_response(await http.get("/short"))
+        assert_expired_response(await http.get("/sync"))
+        longer = (await http.get("/long")).json()
+        unbounded = (await http.get("/")).status_code
+    assert 29.0 < longer["remaining"] <= 30.0
+    assert unbounded == 404
+    assert installed_middleware(app).statistics().expired == 2
