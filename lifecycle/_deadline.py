@@ -13,6 +13,10 @@ How a request's deadline is built::
     budget   = min(budget, max_timeout)               (a client only shortens it)
     deadline = arrival + budget - reserve             (time kept back to write the 504)
 
+A budget of 0 is already spent: the request is answered 504 at once. With no budget at all (no
+header, no default) the request passes straight through: no scope, no timer, nothing
+allocated for it.
+
 When the deadline passes before the response has started, the request is cancelled and answered
 ``504`` with a ``application/problem+json`` body (RFC 9457) of type `DEADLINE_EXPIRED_TYPE`
 and the marker header ``x-deadline-expired: 1`` (`DEADLINE_EXPIRED_HEADER`): the caller's
@@ -20,15 +24,12 @@ budget is spent, so it should not retry. When the response had already started (
 response is aborted: the connection is closed without the final chunk, so the client sees a
 truncated response rather than a complete one.
 
-Speed: on asyncio, anyio arms one event-loop timer for every cancel scope with a deadline, and
-under load those timers crowd the loop's timer heap, whose entries compare in Python. Here the
-deadlines of all requests on a loop share a single loop timer (a heap of plain tuples with lazy
-deletion), while the deadline stays on the request's cancel scope where
-`anyio.current_effective_deadline` reads it. This hooks into anyio's asyncio cancel scope (its
-``_timeout`` method and ``_timeout_handle`` slot); when the installed anyio does not have that
-shape, plain `anyio.CancelScope` is used instead: same behaviour, slower. On trio, deadlines
-are cheap already and trio's own cancel scope is used. What remains is the cost of a cancel
-scope per request itself; ``benchmarks/deadline.py`` measures it.
+Speed: on asyncio, a request's scope is `_LeanScope`, anyio's asyncio cancel scope with a
+short path for the case a server creates (the root scope of a task anyio did not create) and
+its deadline on one timer heap per loop instead of a loop timer each. It leans on anyio's
+internals, so a behavioural self-test runs at import and plain `anyio.CancelScope` is used if
+it fails: same behaviour, slower. On trio, trio's own cancel scope is used.
+``benchmarks/deadline.py`` measures what is left.
 """
 
 from __future__ import annotations
@@ -151,7 +152,8 @@ class DeadlineStatistics:
             strict mode).
         expired: Requests answered 504 because the deadline passed (or an upstream reported
             it expired) before the response started.
-        rejected_early: Requests answered 504 on arrival, their budget below ``min_budget``.
+        rejected_early: Requests answered 504 on arrival: their budget was 0 (already spent)
+            or, after ``reserve``, below ``min_budget``.
         aborted: Responses aborted mid-stream because the deadline passed after they started.
         overran: Requests that kept running longer than ``reserve`` past their deadline (past
             their arrival, or their route's timeout being applied, when the deadline was
@@ -446,13 +448,10 @@ if TYPE_CHECKING or _LEAN_SCOPE_IMPORTABLE:
             task = self._host_task
             if self._cancel_called or self._parent_scope is not None or task is None:
                 return super().__exit__(exc_type, exc_val, exc_tb)
+            # Only the middleware enters this scope and it exits it in the same task, so the
+            # checks for misuse that anyio makes are left to its own __exit__ in other cases.
             state = _task_data.get(weakref.ref(task))
-            if (
-                state is None
-                or state.cancel_scope is not self
-                or asyncio.current_task() is not task
-                or self._child_scopes
-            ):
+            if state is None or state.cancel_scope is not self or self._child_scopes:
                 return super().__exit__(exc_type, exc_val, exc_tb)
             # Not cancelled, no parent: nothing to uncancel, swallow or restart elsewhere.
             self._active = False
@@ -464,6 +463,21 @@ if TYPE_CHECKING or _LEAN_SCOPE_IMPORTABLE:
             state.cancel_scope = None
             self._host_task = None
             return False
+
+        @property
+        def deadline(self) -> float:
+            return self._deadline
+
+        @deadline.setter
+        def deadline(self, value: float) -> None:
+            # anyio's setter, less its float() and NaN checks: deadlines here are computed.
+            self._deadline = value
+            handle = self._timeout_handle
+            if handle is not None:
+                handle.cancel()
+                self._timeout_handle = None
+            if self._active and not self._cancel_called:
+                self._timeout()
 
         def _timeout(self) -> None:
             deadline = self._deadline
@@ -1044,7 +1058,10 @@ def request_timeout(timeout: float | None, *, keep_for_background: bool = False)
     The route's timeout replaces ``default_timeout`` and ``max_timeout`` of
     `DeadlineMiddleware` for that route (it may be longer than both: the server decides); a
     client's shorter budget still wins, and ``reserve`` is still kept back. The new deadline
-    counts from the request's arrival. ``None`` opts the route out: the request runs without a
+    counts from the request's arrival. In a request the middleware passed through (no budget
+    header, no default), the route opens its own scope around the endpoint call: the timeout
+    then counts from the call and bounds the endpoint, not the sending of its response.
+    ``None`` opts the route out: the request runs without a
     deadline whatever the client sent.
 
     It applies when the endpoint is called, after the framework has resolved its dependencies
@@ -1136,9 +1153,16 @@ class DeadlineMiddleware:
     (which run inside the application call, after the response) are not bound by the caller's
     budget, unless the route asked to keep it (`request_timeout`).
 
-    Bad budget headers (not a positive integer, zero, more than 10 digits, repeated, a gRPC
-    timeout with an unknown unit...) are ignored and counted, or answered ``400`` with a
-    problem body when ``strict`` is set; never a 500.
+    A client can only shorten its budget: a header sent twice, or several budget headers,
+    give the smallest valid value; a budget of 0 (``grpc-timeout: 0S`` included) is already
+    spent and answered 504 at once. Bad budget headers (not a non-negative integer, more than
+    10 digits, a gRPC timeout with an unknown unit...) are ignored and counted, or answered
+    ``400`` with a problem body when ``strict`` is set; never a 500, and never more budget
+    than the default.
+
+    A request no deadline applies to (no valid budget header and no ``default_timeout``)
+    passes straight through, unless a route timeout that needs the request's scope exists
+    (`request_timeout` with ``keep_for_background``, ``lifecycle.fastapi.request_timeout``).
 
     WebSocket and lifespan scopes, and HTTP requests to ``exempt_paths``, pass through.
 
@@ -1287,7 +1311,19 @@ class DeadlineMiddleware:
         if budget is None:
             budget = self._default_timeout
             if budget is None and not _route_timeouts_need_scope:
-                await self._pass_through_call(scope, receive, send)
+                # No deadline applies: no scope, no timer, nothing allocated for the request.
+                token = _current.set(self._pass_through)
+                self._in_flight += 1
+                try:
+                    await self.app(scope, receive, send)
+                except _RouteExpired as exc:
+                    # Raised by an endpoint's lazily opened route timeout, before it returned
+                    # a response: nothing was sent yet.
+                    self._expired += 1
+                    await self._send_expired(scope, send, exc.reason)
+                finally:
+                    self._in_flight -= 1
+                    _current.reset(token)
                 return
         else:
             self._received += 1
@@ -1354,21 +1390,6 @@ class DeadlineMiddleware:
             # Work that outlives the request with a copy of its context (threads, tasks) no
             # longer sees its deadline.
             state.deadline = None
-
-    async def _pass_through_call(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """Run a request no deadline applies to: no scope, no timer, no per-request object."""
-        token = _current.set(self._pass_through)
-        self._in_flight += 1
-        try:
-            await self.app(scope, receive, send)
-        except _RouteExpired as exc:
-            # Raised by an endpoint's lazily opened route timeout, before it returned a
-            # response: nothing was sent yet.
-            self._expired += 1
-            await self._send_expired(scope, send, exc.reason)
-        finally:
-            self._in_flight -= 1
-            _current.reset(token)
 
     async def _reject_early(self, send: Send, budget: float) -> None:
         self._rejected_early += 1
