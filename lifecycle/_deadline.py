@@ -375,7 +375,9 @@ else:
 
 
 if TYPE_CHECKING or _LEAN_SCOPE_IMPORTABLE:
-    _task_data = _task_states.data  # type: ignore[attr-defined]  # the plain dict behind anyio's weak mapping of task states
+    # The plain dict behind anyio's weak mapping of task states, and its removal callback:
+    # WeakKeyDictionary's own methods cost a Python call each.
+    _task_data = _task_states.data  # type: ignore[attr-defined]
     _drop_task_state = _task_states._remove  # type: ignore[attr-defined]
 
     class _LeanScope(_AsyncioCancelScope):
