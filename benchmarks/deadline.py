@@ -1,28 +1,30 @@
 """What DeadlineMiddleware costs per request, against baselines measured in the same run.
 
-Every variant serves the same Starlette app (one route, a plain-text response); requests carry
-``x-request-timeout-ms: 5000`` and the middlewares have a 30 s default, so every request runs
-under a deadline. Variants:
+Every variant serves the same Starlette app with two routes: ``/`` answers plain text, ``/json``
+serialises a 1 KB JSON body. Variants:
 
 - ``bare``: the Starlette app alone.
-- ``lifecycle``: ``lifecycle.DeadlineMiddleware``.
-- ``lifecycle, plain scopes``: the same with its shared timer switched off, so that each
-  request's cancel scope arms its own event-loop timer, as anyio does by default.
-- ``scope+deadline``: a minimal pure ASGI middleware opening ``anyio.CancelScope(deadline=...)``
-  per request: the straightforward design, which arms one event-loop timer per request.
-- ``scope only``: the same with ``anyio.CancelScope()`` and no deadline: the floor of any
-  design that runs each request in an anyio cancel scope, as the deadline contract requires.
+- ``pass-through``: ``lifecycle.DeadlineMiddleware`` with no default, sent no budget header: no
+  deadline applies, so the request should cost (almost) nothing.
+- ``deadline``: ``lifecycle.DeadlineMiddleware`` with a 30 s default, sent
+  ``x-request-timeout-ms: 5000``: every request runs under a deadline.
+- ``deadline, plain scopes``: the same on its fallback path (``anyio.CancelScope``), which it
+  takes when its fast scope fails its self-test on the installed anyio (in process only).
+- ``anyio scope``: a minimal pure ASGI middleware opening ``anyio.CancelScope(deadline=...)``
+  per request: the straightforward design.
 - ``BaseHTTPMiddleware``: Starlette's ``BaseHTTPMiddleware`` with ``anyio.fail_after``.
 
 (a) In process: microseconds added per request against ``bare``, each request in a fresh task
     and a fresh context as uvicorn runs it; variants alternate round by round and the median
-    of the paired differences is printed.
-(b) Under uvicorn (h11, asyncio) on loopback: the throughput ratio of each variant to
-    ``bare``. This machine's speed drifts by +-20 % within seconds, so the two servers of a
-    pair run side by side, pinned to the same CPU (the kernel shares it fairly), each driven
-    by its own load generator pinned to another CPU, and the ratio of their request counts is
-    taken round by round. Load comes from ``wrk`` when it is installed, else from a Python
-    keep-alive client. A pair of identical ``bare`` servers calibrates the method.
+    of the paired differences is printed, with the interquartile range.
+(b) Under uvicorn on loopback, h11 on asyncio and httptools on uvloop: the throughput ratio of
+    each variant to ``bare``. This machine's speed drifts within seconds, so the two servers
+    of a pair run side by side, pinned to the same CPU (the kernel shares it fairly), each
+    driven by its own ``wrk -t1 -c32`` pinned to another CPU, and the ratio of their request
+    counts is taken round by round; the median and the range of the rounds are printed. A pair
+    of identical ``bare`` servers calibrates the method. (b) needs ``wrk`` on the PATH
+    (``apt-get install wrk``) and uvicorn, httptools and uvloop installed (``pip install
+    'uvicorn[standard]'``); without them it says so and is skipped.
 
 Run: ``.venv/bin/python benchmarks/deadline.py`` (``--seconds``/``--rounds`` to change the
 sample, ``--skip-uvicorn`` for (a) only).
@@ -33,6 +35,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextvars
+import importlib.util
 import os
 import platform
 import shutil
@@ -50,48 +53,58 @@ import anyio
 from starlette.applications import Starlette
 from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
 from starlette.requests import Request
-from starlette.responses import PlainTextResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 import lifecycle
 
 DEFAULT_TIMEOUT = 30.0
-HEADERS = [(b"host", b"bench"), (b"user-agent", b"bench"), (b"x-request-timeout-ms", b"5000")]
+BUDGET_HEADER = (b"x-request-timeout-ms", b"5000")
+BASE_HEADERS = [(b"host", b"bench"), (b"user-agent", b"bench"), (b"accept", b"*/*")]
 CONNECTIONS = 32
+# About 1 KB once serialised.
+DOCUMENT = {
+    "items": [
+        {"id": i, "name": f"item-{i}", "price": i * 1.25, "tags": ["a", "b"]} for i in range(18)
+    ]
+}
 
 
 async def hello(request: Request) -> Response:
     return PlainTextResponse("hello")
 
 
+async def document(request: Request) -> Response:
+    return JSONResponse(DOCUMENT)
+
+
 def bare_app() -> Starlette:
-    return Starlette(routes=[Route("/", hello)])
+    return Starlette(routes=[Route("/", hello), Route("/json", document)])
 
 
-def anyio_scope_middleware(app: Any, *, with_deadline: bool) -> Any:
+def anyio_scope_middleware(app: Any) -> Any:
     async def middleware(scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             await app(scope, receive, send)
             return
-        deadline = anyio.current_time() + DEFAULT_TIMEOUT if with_deadline else float("inf")
-        with anyio.CancelScope(deadline=deadline):
+        with anyio.CancelScope(deadline=anyio.current_time() + DEFAULT_TIMEOUT):
             await app(scope, receive, send)
 
     return middleware
 
 
 def lifecycle_with_plain_scopes() -> Any:
-    """DeadlineMiddleware with its shared timer switched off: one loop timer per request."""
+    """DeadlineMiddleware on its fallback path: anyio.CancelScope per request."""
     from lifecycle import _deadline
 
     middleware = lifecycle.DeadlineMiddleware(bare_app(), default_timeout=DEFAULT_TIMEOUT)
 
     async def app(scope: Any, receive: Any, send: Any) -> None:
-        _deadline._use_shared_timer = False
+        _deadline._use_lean_scope = False
         try:
             await middleware(scope, receive, send)
         finally:
-            _deadline._use_shared_timer = True
+            _deadline._use_lean_scope = _deadline._LEAN_SCOPE_WORKS
 
     return app
 
@@ -104,37 +117,41 @@ class FailAfterMiddleware(BaseHTTPMiddleware):
 
 VARIANTS: dict[str, Callable[[], Any]] = {
     "bare": bare_app,
-    "lifecycle": lambda: lifecycle.DeadlineMiddleware(bare_app(), default_timeout=DEFAULT_TIMEOUT),
-    "lifecycle, plain scopes": lifecycle_with_plain_scopes,
-    "scope+deadline": lambda: anyio_scope_middleware(bare_app(), with_deadline=True),
-    "scope only": lambda: anyio_scope_middleware(bare_app(), with_deadline=False),
+    "pass-through": lambda: lifecycle.DeadlineMiddleware(bare_app()),
+    "deadline": lambda: lifecycle.DeadlineMiddleware(bare_app(), default_timeout=DEFAULT_TIMEOUT),
+    "deadline, plain scopes": lifecycle_with_plain_scopes,
+    "anyio scope": lambda: anyio_scope_middleware(bare_app()),
     "BaseHTTPMiddleware": lambda: FailAfterMiddleware(bare_app()),
 }
 LABELS = {
     "bare": "bare Starlette app",
-    "lifecycle": "lifecycle.DeadlineMiddleware",
-    "lifecycle, plain scopes": "  the same without the shared timer",
-    "scope+deadline": "anyio.CancelScope(deadline=...) middleware",
-    "scope only": "anyio.CancelScope() middleware (no deadline)",
+    "pass-through": "DeadlineMiddleware, no deadline (pass-through)",
+    "deadline": "DeadlineMiddleware, with a deadline",
+    "deadline, plain scopes": "  the same on the fallback (anyio.CancelScope)",
+    "anyio scope": "anyio.CancelScope(deadline=...) middleware",
     "BaseHTTPMiddleware": "BaseHTTPMiddleware + anyio.fail_after",
 }
+# Which variants are sent the budget header (the pass-through must not be).
+SENDS_BUDGET = {"deadline", "deadline, plain scopes", "anyio scope", "BaseHTTPMiddleware"}
+UVICORN_VARIANTS = ["bare", "pass-through", "deadline", "anyio scope", "BaseHTTPMiddleware"]
+PATHS = {"/": "plain text", "/json": "1 KB JSON body"}
 
 
 # -- (a) in process ---------------------------------------------------------------------------
 
 
-def http_scope() -> dict[str, Any]:
+def http_scope(path: str, headers: list[tuple[bytes, bytes]]) -> dict[str, Any]:
     return {
         "type": "http",
         "asgi": {"version": "3.0", "spec_version": "2.4"},
         "http_version": "1.1",
         "method": "GET",
         "scheme": "http",
-        "path": "/",
-        "raw_path": b"/",
+        "path": path,
+        "raw_path": path.encode(),
         "query_string": b"",
         "root_path": "",
-        "headers": HEADERS,
+        "headers": headers,
         "client": ("127.0.0.1", 50000),
         "server": ("127.0.0.1", 8000),
     }
@@ -148,114 +165,89 @@ async def send(message: Any) -> None:
     pass
 
 
-async def run_requests_asyncio(app: Any, count: int) -> float:
+def headers_for(variant: str) -> list[tuple[bytes, bytes]]:
+    return [*BASE_HEADERS, BUDGET_HEADER] if variant in SENDS_BUDGET else list(BASE_HEADERS)
+
+
+async def run_requests_asyncio(app: Any, path: str, headers: Any, count: int) -> float:
     loop = asyncio.get_running_loop()
     started = time.perf_counter()
     for _ in range(count):
-        await loop.create_task(app(http_scope(), receive, send), context=contextvars.Context())
+        scope = http_scope(path, headers)
+        await loop.create_task(app(scope, receive, send), context=contextvars.Context())
     return (time.perf_counter() - started) / count
 
 
-async def run_requests_trio(app: Any, count: int) -> float:
+async def run_requests_trio(app: Any, path: str, headers: Any, count: int) -> float:
     started = time.perf_counter()
     for _ in range(count):
-        await app(http_scope(), receive, send)
+        await app(http_scope(path, headers), receive, send)
     return (time.perf_counter() - started) / count
 
 
-def bench_in_process(backend: str, rounds: int, per_round: int) -> dict[str, float]:
-    """Median added microseconds per request of each variant against ``bare``."""
+def bench_in_process(
+    backend: str, path: str, rounds: int, per_round: int
+) -> dict[str, tuple[float, float, float]]:
+    """Median and quartiles of the added microseconds per request of each variant."""
     apps = {name: factory() for name, factory in VARIANTS.items()}
+    headers = {name: headers_for(name) for name in apps}
     runner = run_requests_asyncio if backend == "asyncio" else run_requests_trio
     samples: dict[str, list[float]] = {name: [] for name in apps}
 
     async def main() -> None:
-        for app in apps.values():  # warm up
-            await runner(app, 200)
+        for name, app in apps.items():  # warm up
+            await runner(app, path, headers[name], 200)
         for index in range(rounds):
             order = list(apps) if index % 2 else list(reversed(apps))
             for name in order:
-                samples[name].append(await runner(apps[name], per_round))
+                samples[name].append(await runner(apps[name], path, headers[name], per_round))
 
     anyio.run(main, backend=backend)
     base = samples["bare"]
-    result = {"bare": statistics.median(base) * 1e6}
+    result = {"bare": spread([value * 1e6 for value in base])}
     for name, values in samples.items():
         if name != "bare":
-            result[name] = statistics.median(v - b for v, b in zip(values, base, strict=True)) * 1e6
+            result[name] = spread([(v - b) * 1e6 for v, b in zip(values, base, strict=True)])
     return result
 
 
-def print_in_process(backend: str, result: dict[str, float]) -> None:
-    note = "each request in a fresh task, as uvicorn runs it" if backend == "asyncio" else ""
-    print(f"  {backend}{f' ({note})' if note else ''}:")
-    print(f"    {LABELS['bare']:<46} {result['bare']:7.1f} us per request")
-    baseline = result["BaseHTTPMiddleware"]
+def spread(values: list[float]) -> tuple[float, float, float]:
+    """Median, first and third quartile."""
+    first, _, third = statistics.quantiles(values, n=4)
+    return statistics.median(values), first, third
+
+
+def print_in_process(
+    backend: str, path: str, result: dict[str, tuple[float, float, float]]
+) -> None:
+    note = ", each request in a fresh task as uvicorn runs it" if backend == "asyncio" else ""
+    print(f"  {backend}, {PATHS[path]}{note}:")
+    median, first, third = result["bare"]
+    print(f"    {LABELS['bare']:<48} {median:7.1f} us per request  (IQR {first:.1f}..{third:.1f})")
     for name in list(VARIANTS)[1:]:
-        added = result[name]
-        versus = (
-            ""
-            if name == "BaseHTTPMiddleware"
-            else f"   ({added - baseline:+6.1f} us vs BaseHTTPMiddleware)"
-        )
-        print(f"    {LABELS[name]:<46} {added:+7.1f} us{versus}")
+        median, first, third = result[name]
+        print(f"    {LABELS[name]:<48} {median:+7.1f} us  (IQR {first:+.1f}..{third:+.1f})")
 
 
 # -- (b) under uvicorn ----------------------------------------------------------------------
 
+SERVERS = {
+    "h11/asyncio": {"loop": "asyncio", "http": "h11"},
+    "httptools/uvloop": {"loop": "uvloop", "http": "httptools"},
+}
 
-def serve(variant: str, port: int) -> None:
+
+def serve(variant: str, server: str, port: int) -> None:
     import uvicorn
 
-    from lifecycle import _deadline
-
-    if variant == "lifecycle, plain scopes":  # a process of its own: no need to toggle per call
-        _deadline._use_shared_timer = False
-        variant = "lifecycle"
-    app = VARIANTS[variant]()
-    # Pinned: with uvicorn[standard] installed, "auto" would pick uvloop and httptools.
     uvicorn.run(
-        app,
+        VARIANTS[variant](),
         host="127.0.0.1",
         port=port,
-        loop="asyncio",
-        http="h11",
         log_level="warning",
         access_log=False,
+        **SERVERS[server],  # type: ignore[arg-type]
     )
-
-
-def load_client(port: int, connections: int, seconds: float) -> None:
-    """A keep-alive HTTP/1.1 load generator: prints how many responses it received."""
-    request = (
-        b"GET / HTTP/1.1\r\nhost: 127.0.0.1\r\nuser-agent: bench\r\n"
-        b"x-request-timeout-ms: 5000\r\n\r\n"
-    )
-    done = 0
-
-    async def connection(stop: float) -> None:
-        nonlocal done
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        try:
-            while time.monotonic() < stop:
-                writer.write(request)
-                head = await reader.readuntil(b"\r\n\r\n")
-                length = 0
-                for line in head.split(b"\r\n"):
-                    if line[:15].lower() == b"content-length:":
-                        length = int(line[15:])
-                await reader.readexactly(length)
-                done += 1
-        finally:
-            writer.close()
-            await writer.wait_closed()
-
-    async def main() -> None:
-        stop = time.monotonic() + seconds
-        await asyncio.gather(*(connection(stop) for _ in range(connections)))
-
-    asyncio.run(main())
-    print(done)
 
 
 def free_port() -> int:
@@ -264,23 +256,15 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def pinned(cpu: int | None) -> Callable[[], None] | None:
-    if cpu is None:
-        return None
-    return lambda: os.sched_setaffinity(0, {cpu})
-
-
 @contextmanager
-def servers(variants: list[str], cpu: int | None) -> Iterator[list[int]]:
+def servers(variants: list[str], server: str, cpu: int | None) -> Iterator[list[int]]:
     ports = [free_port() for _ in variants]
+    pin = ["taskset", "-c", str(cpu)] if cpu is not None else []
     with ExitStack() as stack:
-        processes = []
         for variant, port in zip(variants, ports, strict=True):
             process = subprocess.Popen(
-                [sys.executable, __file__, "--serve", variant, str(port)],
-                preexec_fn=pinned(cpu),
+                [*pin, sys.executable, __file__, "--serve", variant, server, str(port)]
             )
-            processes.append(process)
             stack.callback(process.wait)
             stack.callback(process.terminate)
         for port in ports:
@@ -299,106 +283,111 @@ def wait_listening(port: int) -> None:
     raise RuntimeError(f"the benchmark server on port {port} did not start within 20 s")
 
 
-def run_load(ports: list[int], seconds: float, cpu: int | None, wrk: str | None) -> list[int]:
-    """Drive every server at once, each with its own load generator; return request counts."""
-    commands = []
-    for port in ports:
-        if wrk:
-            command = [
-                wrk,
-                "-t1",
-                f"-c{CONNECTIONS}",
-                f"-d{seconds:g}s",
-                "-H",
-                "x-request-timeout-ms: 5000",
-                f"http://127.0.0.1:{port}/",
-            ]
-        else:
-            command = [
-                sys.executable,
-                __file__,
-                "--load",
-                str(port),
-                str(CONNECTIONS),
-                str(seconds),
-            ]
-        commands.append(command)
-    processes = [
-        subprocess.Popen(command, stdout=subprocess.PIPE, text=True, preexec_fn=pinned(cpu))
-        for command in commands
-    ]
+def run_load(
+    targets: list[tuple[int, str]], path: str, seconds: float, cpu: int | None, wrk: str
+) -> list[int]:
+    """Drive every server at once, each with its own wrk; return the request counts."""
+    pin = ["taskset", "-c", str(cpu)] if cpu is not None else []
+    processes = []
+    for port, variant in targets:
+        header = ["-H", "x-request-timeout-ms: 5000"] if variant in SENDS_BUDGET else []
+        command = [*pin, wrk, "-t1", f"-c{CONNECTIONS}", f"-d{seconds:g}s", *header]
+        command.append(f"http://127.0.0.1:{port}{path}")
+        processes.append(subprocess.Popen(command, stdout=subprocess.PIPE, text=True))
     counts = []
     for process in processes:
         output, _ = process.communicate(timeout=seconds + 60)
-        if wrk:
-            (line,) = [line for line in output.splitlines() if "requests in" in line]
-            counts.append(int(line.split()[0]))
-        else:
-            counts.append(int(output.strip()))
+        (line,) = [line for line in output.splitlines() if "requests in" in line]
+        counts.append(int(line.split()[0]))
     return counts
 
 
-def bench_uvicorn(rounds: int, seconds: float, variants: list[str]) -> None:
+def missing_for_uvicorn() -> list[str]:
+    missing = []
+    if shutil.which("wrk") is None:
+        missing.append("wrk on the PATH (apt-get install wrk)")
+    if shutil.which("taskset") is None:
+        missing.append("taskset on the PATH (util-linux)")
+    missing.extend(
+        f"the {module} package (pip install 'uvicorn[standard]')"
+        for module in ("uvicorn", "httptools", "uvloop")
+        if importlib.util.find_spec(module) is None
+    )
+    return missing
+
+
+def bench_uvicorn(rounds: int, seconds: float) -> None:
+    missing = missing_for_uvicorn()
+    if missing:
+        print("(b) skipped: the uvicorn benchmark needs " + ", ".join(missing) + ".")
+        return
+    wrk = shutil.which("wrk")
+    assert wrk is not None
     cpus = sorted(os.sched_getaffinity(0))
     server_cpu, load_cpu = (cpus[0], cpus[1]) if len(cpus) >= 2 else (None, None)
-    wrk = shutil.which("wrk")
-    generator = "wrk -t1 -c32" if wrk else f"a Python keep-alive client, {CONNECTIONS} connections"
     print(
-        f"(b) uvicorn {version('uvicorn')} (h11, asyncio) on loopback; load: {generator}; "
-        f"{rounds} rounds of {seconds:g} s per pair"
+        f"(b) uvicorn {version('uvicorn')} on loopback (httptools {version('httptools')}, uvloop "
+        f"{version('uvloop')}); load: wrk -t1 -c{CONNECTIONS}; both servers of a pair on CPU "
+        f"{server_cpu}, wrk on CPU {load_cpu}; {rounds} rounds of {seconds:g} s per pair"
     )
     if server_cpu is None:
         print("    (one CPU only: servers and load generators share it, ratios are rough)")
-    print(f"    {'variant':<46} {'ratio':>6}  per round          (bare requests/s)")
-    for variant in variants:
-        with servers(["bare", variant], server_cpu) as ports:
-            run_load(ports, 1.0, load_cpu, wrk)  # warm up
-            ratios, bare_rates = [], []
-            for _ in range(rounds):
-                bare_count, variant_count = run_load(ports, seconds, load_cpu, wrk)
-                ratios.append(variant_count / bare_count)
-                bare_rates.append(bare_count / seconds)
-        label = (
-            "bare (calibration: two identical servers)" if variant == "bare" else LABELS[variant]
-        )
-        per_round = " ".join(f"{ratio:.2f}" for ratio in ratios)
-        print(
-            f"    {label:<46} {statistics.median(ratios):6.3f}  [{per_round}]"
-            f"  ({statistics.median(bare_rates):.0f}/s, sharing the CPU)"
-        )
+    for server in SERVERS:
+        for path in PATHS:
+            print(f"  {server}, {PATHS[path]}:")
+            print(f"    {'variant':<48} {'ratio':>6}  rounds (min..max)      bare req/s")
+            for variant in UVICORN_VARIANTS:
+                with servers(["bare", variant], server, server_cpu) as ports:
+                    targets = list(zip(ports, ["bare", variant], strict=True))
+                    run_load(targets, path, 1.0, load_cpu, wrk)  # warm up
+                    ratios, bare_rates = [], []
+                    for _ in range(rounds):
+                        bare_count, variant_count = run_load(targets, path, seconds, load_cpu, wrk)
+                        ratios.append(variant_count / bare_count)
+                        bare_rates.append(bare_count / seconds)
+                label = (
+                    "bare (calibration: two identical servers)"
+                    if variant == "bare"
+                    else LABELS[variant]
+                )
+                print(
+                    f"    {label:<48} {statistics.median(ratios):6.3f}  "
+                    f"({min(ratios):.2f}..{max(ratios):.2f})"
+                    f"               {statistics.median(bare_rates):6.0f}/s (sharing the CPU)"
+                )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--seconds", type=float, default=2.0)
+    parser.add_argument("--in-process-rounds", type=int, default=30)
     parser.add_argument("--skip-uvicorn", action="store_true")
     parser.add_argument(
-        "--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS), metavar="NAME"
-    )
-    parser.add_argument("--serve", nargs=2, metavar=("VARIANT", "PORT"), help=argparse.SUPPRESS)
-    parser.add_argument(
-        "--load", nargs=3, metavar=("PORT", "CONNS", "SECONDS"), help=argparse.SUPPRESS
+        "--serve", nargs=3, metavar=("VARIANT", "SERVER", "PORT"), help=argparse.SUPPRESS
     )
     args = parser.parse_args()
     if args.serve:
-        serve(args.serve[0], int(args.serve[1]))
+        serve(args.serve[0], args.serve[1], int(args.serve[2]))
         return
-    if args.load:
-        load_client(int(args.load[0]), int(args.load[1]), float(args.load[2]))
-        return
+
+    from lifecycle import _deadline
 
     print(
         f"lifecycle deadline benchmark: Python {platform.python_version()}, "
-        f"anyio {version('anyio')}, starlette {version('starlette')}, trio {version('trio')}"
+        f"anyio {version('anyio')}, starlette {version('starlette')}, trio {version('trio')}; "
+        f"fast request scope: {'on' if _deadline._LEAN_SCOPE_WORKS else 'OFF (self-test failed)'}"
     )
     print(
-        "(a) in process: microseconds added per request against the bare app (median of 40 rounds)"
+        "(a) in process: microseconds added per request against the bare app "
+        f"(median of {args.in_process_rounds} paired rounds of 1000 requests, interquartile range)"
     )
     for backend in ("asyncio", "trio"):
-        print_in_process(backend, bench_in_process(backend, rounds=40, per_round=1000))
+        for path in PATHS:
+            result = bench_in_process(backend, path, rounds=args.in_process_rounds, per_round=1000)
+            print_in_process(backend, path, result)
     if not args.skip_uvicorn:
-        bench_uvicorn(args.rounds, args.seconds, args.variants)
+        bench_uvicorn(args.rounds, args.seconds)
 
 
 if __name__ == "__main__":

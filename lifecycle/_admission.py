@@ -13,7 +13,6 @@ import math
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Final
 
 import anyio
 
@@ -24,16 +23,13 @@ from ._deadline import (
     Scope,
     Send,
     route_path,
-    send_problem,
     validate_exempt_paths,
 )
+from ._problem import OVERLOADED_TYPE, send_problem
 
 __all__ = ["OVERLOADED_TYPE", "AdmissionStatistics", "ConcurrencyLimitMiddleware"]
 
 _LOG = logging.getLogger("lifecycle.admission")
-
-OVERLOADED_TYPE: Final = "urn:lifecycle:problem:overloaded"
-"""RFC 9457 problem type of the body of the 503 answered when no slot is free in time."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,22 +193,19 @@ class ConcurrencyLimitMiddleware:
 
     async def _reject(self, scope: Scope, send: Send) -> None:
         self._rejected += 1
-        _LOG.debug(
-            "Rejected %s %s: %d requests in flight and %d waiting.",
-            scope.get("method", "?"),
-            scope["path"],
-            self._in_flight,
-            len(self._waiters),
-        )
-        await send_problem(
+        instance = await send_problem(
             send,
             503,
             type_=OVERLOADED_TYPE,
             title="Service overloaded",
-            detail=(
-                f"The service is handling as many requests as it allows "
-                f"({self._max_concurrency}) and none finished in time; retry after "
-                f"{self._retry_after} s."
-            ),
+            detail=f"The service is at capacity; retry after {self._retry_after} s.",
             headers=((b"retry-after", self._retry_after_header),),
+        )
+        _LOG.debug(
+            "Rejected %s %s (%s): %d requests in flight (the limit) and %d waiting.",
+            scope.get("method", "?"),
+            scope["path"],
+            instance,
+            self._in_flight,
+            len(self._waiters),
         )

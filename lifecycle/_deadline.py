@@ -13,6 +13,10 @@ How a request's deadline is built::
     budget   = min(budget, max_timeout)               (a client only shortens it)
     deadline = arrival + budget - reserve             (time kept back to write the 504)
 
+A budget of 0 is already spent: the request is answered 504 at once. With no budget at all (no
+header, no default) the request passes straight through: no scope, no timer, nothing
+allocated for it.
+
 When the deadline passes before the response has started, the request is cancelled and answered
 ``504`` with a ``application/problem+json`` body (RFC 9457) of type `DEADLINE_EXPIRED_TYPE`
 and the marker header ``x-deadline-expired: 1`` (`DEADLINE_EXPIRED_HEADER`): the caller's
@@ -20,15 +24,12 @@ budget is spent, so it should not retry. When the response had already started (
 response is aborted: the connection is closed without the final chunk, so the client sees a
 truncated response rather than a complete one.
 
-Speed: on asyncio, anyio arms one event-loop timer for every cancel scope with a deadline, and
-under load those timers crowd the loop's timer heap, whose entries compare in Python. Here the
-deadlines of all requests on a loop share a single loop timer (a heap of plain tuples with lazy
-deletion), while the deadline stays on the request's cancel scope where
-`anyio.current_effective_deadline` reads it. This hooks into anyio's asyncio cancel scope (its
-``_timeout`` method and ``_timeout_handle`` slot); when the installed anyio does not have that
-shape, plain `anyio.CancelScope` is used instead: same behaviour, slower. On trio, deadlines
-are cheap already and trio's own cancel scope is used. What remains is the cost of a cancel
-scope per request itself; ``benchmarks/deadline.py`` measures it.
+Speed: on asyncio, a request's scope is `_LeanScope`, anyio's asyncio cancel scope with a
+short path for the case a server creates (the root scope of a task anyio did not create) and
+its deadline on one timer heap per loop instead of a loop timer each. It leans on anyio's
+internals, so a behavioural self-test runs at import and plain `anyio.CancelScope` is used if
+it fails: same behaviour, slower. On trio, trio's own cancel scope is used.
+``benchmarks/deadline.py`` measures what is left.
 """
 
 from __future__ import annotations
@@ -39,23 +40,24 @@ import functools
 import heapq
 import inspect
 import itertools
-import json
 import logging
 import math
 import re
 import sys
+import threading
 import time
 import weakref
-from collections.abc import Awaitable, Callable, Iterable, Iterator, MutableMapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, MutableMapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from types import ModuleType, TracebackType
-from typing import TYPE_CHECKING, Any, Final, ParamSpec, Protocol, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Final, ParamSpec, Protocol, Self, TypeVar, overload
 
 import anyio
 import anyio.lowlevel
 import anyio.to_thread
 
+from ._problem import DEADLINE_EXPIRED_TYPE, MALFORMED_BUDGET_TYPE, send_problem
 from .exceptions import DeadlineExceeded
 
 __all__ = [
@@ -107,13 +109,6 @@ budget is tiny (and the drain hook waits out the drain delay)."""
 DEADLINE_EXPIRED_HEADER: Final = "x-deadline-expired"
 """Header set to ``1`` on every 504 answered because a deadline expired (here or upstream)."""
 
-DEADLINE_EXPIRED_TYPE: Final = "urn:lifecycle:problem:deadline-expired"
-"""RFC 9457 problem type of the body of those 504 responses."""
-
-MALFORMED_BUDGET_TYPE: Final = "urn:lifecycle:problem:malformed-budget"
-"""RFC 9457 problem type of the 400 answered to a malformed budget header in strict mode."""
-
-_PROBLEM_CONTENT_TYPE: Final = b"application/problem+json"
 _MAX_MS_DIGITS: Final = 10  # Connect's limit; 10 digits of milliseconds is about 115 days
 _GRPC_UNITS: Final[dict[int, float]] = {
     ord("H"): 3600.0,
@@ -157,7 +152,8 @@ class DeadlineStatistics:
             strict mode).
         expired: Requests answered 504 because the deadline passed (or an upstream reported
             it expired) before the response started.
-        rejected_early: Requests answered 504 on arrival, their budget below ``min_budget``.
+        rejected_early: Requests answered 504 on arrival: their budget was 0 (already spent)
+            or, after ``reserve``, below ``min_budget``.
         aborted: Responses aborted mid-stream because the deadline passed after they started.
         overran: Requests that kept running longer than ``reserve`` past their deadline (past
             their arrival, or their route's timeout being applied, when the deadline was
@@ -184,31 +180,31 @@ class _MalformedBudget(ValueError):
 
 
 def _parse_milliseconds(value: bytes) -> float:
-    """Parse a relative budget in integer milliseconds (``x-request-timeout-ms`` and kin)."""
+    """Parse a relative budget in integer milliseconds (``x-request-timeout-ms`` and kin).
+
+    ``0`` is a valid budget: one already spent.
+    """
     digits = value.strip(b" \t")
     # bytes.isdigit() only accepts ASCII digits, so signs, dots, exponents, "inf", "nan" and
     # non-ASCII digits are all refused here.
     if not digits.isdigit() or len(digits) > _MAX_MS_DIGITS:
         raise _MalformedBudget(
-            f"a positive integer number of milliseconds of at most {_MAX_MS_DIGITS} digits"
+            f"a non-negative integer number of milliseconds of at most {_MAX_MS_DIGITS} digits"
         )
-    milliseconds = int(digits)
-    if milliseconds == 0:
-        raise _MalformedBudget("a positive integer number of milliseconds, not 0")
-    return milliseconds / 1000
+    return int(digits) / 1000
 
 
 def _parse_grpc_timeout(value: bytes) -> float:
-    """Parse gRPC's ``grpc-timeout``: 1 to 8 ASCII digits and a unit among ``HMSmun``."""
+    """Parse gRPC's ``grpc-timeout``: 1 to 8 ASCII digits and a unit among ``HMSmun``.
+
+    A timeout of ``0`` (any unit) is a deadline already past.
+    """
     text = value.strip(b" \t")
     digits, unit = text[:-1], text[-1:]
     scale = _GRPC_UNITS.get(unit[0]) if unit else None
     if scale is None or not digits.isdigit() or len(digits) > 8:
         raise _MalformedBudget("1 to 8 digits followed by one unit among H, M, S, m, u, n")
-    amount = int(digits)
-    if amount == 0:
-        raise _MalformedBudget("a positive timeout, not 0")
-    return amount * scale
+    return int(digits) * scale
 
 
 def _parser_for(name: str) -> Callable[[bytes], float]:
@@ -216,25 +212,24 @@ def _parser_for(name: str) -> Callable[[bytes], float]:
 
 
 def _read_budget(
-    found: list[tuple[bytes, bytes]],
+    found: Iterable[tuple[bytes, bytes]],
+    parsers: Mapping[bytes, Callable[[bytes], float]] | None = None,
 ) -> tuple[float | None, tuple[str, bytes, str] | None]:
     """Return the smallest valid budget among the header fields found, and the first problem.
 
-    A header that appears more than once is malformed as a whole: there is no telling which
-    value the client meant.
+    A client can only shorten its budget: a header repeated, or several schemes, give the
+    smallest of their valid values, and a malformed value is only ever ignored (it never
+    stands in for a longer budget).
     """
     budget: float | None = None
     problem: tuple[str, bytes, str] | None = None
-    names = [name for name, _ in found]
     for name, value in found:
-        header = name.decode("latin-1")
-        if names.count(name) > 1:
-            problem = problem or (header, value, "exactly one value, not a repeated header")
-            continue
+        parse = parsers[name] if parsers is not None else _parser_for(name.decode("latin-1"))
         try:
-            seconds = _parser_for(header)(value)
+            seconds = parse(value)
         except _MalformedBudget as exc:
-            problem = problem or (header, value, str(exc))
+            if problem is None:
+                problem = (name.decode("latin-1"), value, str(exc))
             continue
         if budget is None or seconds < budget:
             budget = seconds
@@ -272,9 +267,9 @@ class _TimerEntry:
 
     __slots__ = ("scope", "timer")
 
-    def __init__(self, timer: _SharedTimer, scope: _SharedTimerScope) -> None:
+    def __init__(self, timer: _SharedTimer, scope: _LeanScope) -> None:
         self.timer = timer
-        self.scope: _SharedTimerScope | None = scope
+        self.scope: _LeanScope | None = scope
 
     def cancel(self) -> None:
         if self.scope is not None:
@@ -308,7 +303,7 @@ class _SharedTimer:
     def loop(self) -> asyncio.AbstractEventLoop | None:
         return self._loop_ref()
 
-    def add(self, deadline: float, scope: _SharedTimerScope) -> _TimerEntry:
+    def add(self, deadline: float, scope: _LeanScope) -> _TimerEntry:
         entry = _TimerEntry(self, scope)
         heapq.heappush(self.heap, (deadline, next(self._sequence), entry))
         if deadline < self._armed_at:
@@ -352,42 +347,139 @@ class _SharedTimer:
                 return
 
 
-def _supports_shared_timer(cls: type) -> bool:
-    """Whether anyio's asyncio cancel scope still has the shape `_SharedTimerScope` relies on."""
-    slots = set(getattr(cls, "__slots__", ()))
-    return (
-        callable(getattr(cls, "_timeout", None))
-        and {
-            "_deadline",
-            "_timeout_handle",
-            "_cancel_called",
-        }
-        <= slots
-    )
+_timers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _SharedTimer] = (
+    weakref.WeakKeyDictionary()
+)
+_last_timer: _SharedTimer | None = None
+
+
+def _timer_for(loop: asyncio.AbstractEventLoop) -> _SharedTimer:
+    global _last_timer  # a one-entry cache in front of the weak mapping
+    timer = _last_timer
+    if timer is None or timer.loop() is not loop:
+        timer = _timers.get(loop)
+        if timer is None:
+            timer = _timers[loop] = _SharedTimer(loop)
+        _last_timer = timer
+    return timer
 
 
 try:
     from anyio._backends._asyncio import CancelScope as _AsyncioCancelScope
+    from anyio._backends._asyncio import TaskState as _TaskState
+    from anyio._backends._asyncio import _task_states
 except ImportError:  # pragma: no cover - anyio reorganised its backends; fall back below
-    _FAST_SCOPE_AVAILABLE = False
+    _LEAN_SCOPE_IMPORTABLE = False
 else:
-    _FAST_SCOPE_AVAILABLE = _supports_shared_timer(_AsyncioCancelScope)
+    _LEAN_SCOPE_IMPORTABLE = True
 
 
-if TYPE_CHECKING or _FAST_SCOPE_AVAILABLE:
+if TYPE_CHECKING or _LEAN_SCOPE_IMPORTABLE:
+    # The plain dict behind anyio's weak mapping of task states, and its removal callback:
+    # WeakKeyDictionary's own methods cost a Python call each.
+    _task_data = _task_states.data  # type: ignore[attr-defined]
+    _drop_task_state = _task_states._remove  # type: ignore[attr-defined]
 
-    class _SharedTimerScope(_AsyncioCancelScope):
-        """anyio's asyncio cancel scope, with its deadline kept by a `_SharedTimer`.
+    class _LeanScope(_AsyncioCancelScope):
+        """anyio's asyncio cancel scope, made cheap where a request opens it: at the root.
 
-        anyio arms a loop timer in ``_timeout()`` whenever the deadline is set or the scope is
-        entered, and cancels ``_timeout_handle`` when the scope exits, is cancelled or gets a
-        new deadline. Registering with the shared timer instead, and handing back an entry
-        whose ``cancel()`` marks it dead, keeps every other behaviour of the scope as is.
+        A request task that uvicorn (not anyio) created has no anyio task state, or one
+        whose cancel scope is ``None``; a scope entered there has no parent. For that case
+        entering and a clean exit (nothing cancelled) skip the general bookkeeping, which
+        is all about parents; any other case (a parent scope, a cancellation) goes through
+        anyio's own ``__enter__``/``__exit__``. Its deadline is kept by the loop's
+        `_SharedTimer` rather than by a loop timer of its own: anyio arms a timer in
+        ``_timeout()`` and cancels ``_timeout_handle`` when the scope exits, is cancelled or
+        gets a new deadline; registering with the shared timer instead, and handing back an
+        entry whose ``cancel()`` marks it dead, keeps every other behaviour of the scope.
+
+        All of this leans on anyio's internals: `_lean_scope_works` checks the behaviour at
+        import and the middleware falls back to `anyio.CancelScope` if it is not right.
         """
 
         __slots__ = ("_shared_timer",)
 
         _shared_timer: _SharedTimer
+
+        def __new__(cls, timer: _SharedTimer, deadline: float) -> Self:
+            return object.__new__(cls)
+
+        def __init__(self, timer: _SharedTimer, deadline: float) -> None:
+            # What anyio's __init__ sets (less its NaN check: deadlines here are computed).
+            self._deadline = deadline
+            self._shield = False
+            self._parent_scope = None
+            self._child_scopes = set()
+            self._cancel_called = False
+            self._cancel_reason = None
+            self._cancelled_caught = False
+            self._active = False
+            self._timeout_handle = None
+            self._cancel_handle = None
+            self._tasks = set()
+            self._host_task = None
+            self._cancelling_at_enter = 0
+            self._pending_uncancellations = 0
+            self._shared_timer = timer
+
+        def __enter__(self) -> _LeanScope:
+            task = asyncio.current_task()
+            key = weakref.ref(task) if task is not None else None
+            state = _task_data.get(key) if key is not None else None
+            if task is None or self._active or (state is not None and state.cancel_scope):
+                return super().__enter__()
+            if state is None:
+                _task_data[weakref.ref(task, _drop_task_state)] = _TaskState(None, self)
+            else:
+                state.cancel_scope = self
+            self._host_task = task
+            self._tasks.add(task)
+            self._timeout()
+            self._active = True
+            self._cancelling_at_enter = task.cancelling()
+            if self._cancel_called:  # pragma: no cover - the middleware never cancels early
+                self._deliver_cancellation(self)
+            return self
+
+        def __exit__(
+            self,
+            exc_type: type[BaseException] | None,
+            exc_val: BaseException | None,
+            exc_tb: TracebackType | None,
+        ) -> bool:
+            task = self._host_task
+            if self._cancel_called or self._parent_scope is not None or task is None:
+                return super().__exit__(exc_type, exc_val, exc_tb)
+            # Only the middleware enters this scope and it exits it in the same task, so the
+            # checks for misuse that anyio makes are left to its own __exit__ in other cases.
+            state = _task_data.get(weakref.ref(task))
+            if state is None or state.cancel_scope is not self or self._child_scopes:
+                return super().__exit__(exc_type, exc_val, exc_tb)
+            # Not cancelled, no parent: nothing to uncancel, swallow or restart elsewhere.
+            self._active = False
+            handle = self._timeout_handle
+            if handle is not None:
+                handle.cancel()
+                self._timeout_handle = None
+            self._tasks.discard(task)
+            state.cancel_scope = None
+            self._host_task = None
+            return False
+
+        @property
+        def deadline(self) -> float:
+            return self._deadline
+
+        @deadline.setter
+        def deadline(self, value: float) -> None:
+            # anyio's setter, less its float() and NaN checks: deadlines here are computed.
+            self._deadline = value
+            handle = self._timeout_handle
+            if handle is not None:
+                handle.cancel()
+                self._timeout_handle = None
+            if self._active and not self._cancel_called:
+                self._timeout()
 
         def _timeout(self) -> None:
             deadline = self._deadline
@@ -406,22 +498,134 @@ if TYPE_CHECKING or _FAST_SCOPE_AVAILABLE:
             self._timeout()
 
 
-_timers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _SharedTimer] = (
-    weakref.WeakKeyDictionary()
-)
-_last_timer: _SharedTimer | None = None
-_use_shared_timer = _FAST_SCOPE_AVAILABLE
+def _expect(condition: bool, promise: str) -> None:
+    if not condition:
+        raise AssertionError(f"the fast request scope broke a promise: {promise}")
 
 
-def _timer_for(loop: asyncio.AbstractEventLoop) -> _SharedTimer:
-    global _last_timer  # a one-entry cache in front of the weak mapping
-    timer = _last_timer
-    if timer is None or timer.loop() is not loop:
-        timer = _timers.get(loop)
-        if timer is None:
-            timer = _timers[loop] = _SharedTimer(loop)
-        _last_timer = timer
-    return timer
+async def _lean_scope_behaves() -> None:
+    """Raise `AssertionError` unless `_LeanScope` keeps every promise of an anyio scope.
+
+    Run at import on a private event loop, in a task anyio did not create (as uvicorn's are).
+    Not ``assert`` statements: ``python -O`` would strip them.
+    """
+    loop = asyncio.get_running_loop()
+    timer = _timer_for(loop)
+    task = asyncio.current_task()
+    _expect(task is not None, "a task")
+    assert task is not None  # for the type checker
+
+    # Seen by anyio, composes with nested scopes, leaves nothing behind.
+    deadline = loop.time() + 60
+    with _LeanScope(timer, deadline) as scope:
+        _expect(anyio.current_effective_deadline() == deadline, "the deadline anyio sees")
+        with anyio.move_on_after(30) as inner:
+            _expect(anyio.current_effective_deadline() == inner.deadline, "nested scopes compose")
+            await anyio.lowlevel.checkpoint()
+        _expect(anyio.current_effective_deadline() == deadline, "the deadline anyio sees")
+        scope.deadline = deadline + 1  # a route's own timeout
+        _expect(anyio.current_effective_deadline() == deadline + 1, "the deadline anyio sees")
+    _expect(anyio.current_effective_deadline() == math.inf, "the deadline anyio sees")
+    _expect(not scope.cancelled_caught, "cancelled_caught")
+
+    # Expiry cancels, is caught by the scope, and a shielded block inside is not interrupted.
+    shielded_done = False
+    with _LeanScope(timer, loop.time() + 0.001) as scope:
+        with anyio.CancelScope(shield=True):
+            await anyio.sleep(0.005)
+            shielded_done = True
+        await anyio.sleep(1)
+        raise AssertionError("the expired scope did not cancel")
+    _expect(shielded_done, "a shielded block is not interrupted")
+    _expect(scope.cancelled_caught, "the scope catches its expiry")
+
+    # A task group inside: the cancellation is absorbed, no ExceptionGroup.
+    with _LeanScope(timer, loop.time() + 0.001) as scope:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(anyio.sleep, 1)
+            await anyio.sleep(1)
+    _expect(scope.cancelled_caught, "cancelled_caught")
+
+    # Level-triggered: a swallowed cancellation comes back at the next await.
+    swallowed = 0
+    with _LeanScope(timer, loop.time() + 0.001) as scope:
+        for _ in range(2):
+            try:
+                await anyio.sleep(1)
+            except anyio.get_cancelled_exc_class():
+                swallowed += 1
+        await anyio.sleep(1)
+    _expect(swallowed == 2, "cancellation is level-triggered")
+    _expect(scope.cancelled_caught, "the scope catches its expiry")
+
+    # Nothing is left for what runs next in the same task (keep-alive, next request).
+    _expect(task.cancelling() == 0, "no cancellation left behind")
+    _expect(anyio.current_effective_deadline() == math.inf, "the deadline anyio sees")
+    await anyio.sleep(0.002)
+
+    # Nested under an anyio scope, it is a plain child scope.
+    with anyio.CancelScope() as outer, _LeanScope(timer, loop.time() + 60):
+        outer.cancel()
+        await anyio.sleep(1)
+        raise AssertionError("the outer cancellation did not reach the lean scope")
+    _expect(outer.cancelled_caught, "an outer scope catches its own cancellation")
+    _expect(task.cancelling() == 0, "no cancellation left behind")
+
+    # A native cancellation (not ours) is not swallowed.
+    async def cancelled_natively() -> None:
+        with _LeanScope(timer, loop.time() + 60):
+            await asyncio.sleep(1)
+
+    victim = asyncio.ensure_future(cancelled_natively())
+    await asyncio.sleep(0)
+    victim.cancel()
+    try:
+        await victim
+    except asyncio.CancelledError:
+        pass
+    else:
+        raise AssertionError("a native cancellation was swallowed")
+
+
+def _anyio_version() -> str:  # pragma: no cover - only for the fallback's warning
+    from importlib.metadata import version
+
+    return version("anyio")
+
+
+def _lean_scope_works() -> bool:
+    """Run `_lean_scope_behaves` on a private loop in a thread of its own; report the outcome."""
+    if not _LEAN_SCOPE_IMPORTABLE:  # pragma: no cover - depends on the installed anyio
+        return False
+    outcome: list[BaseException | None] = []
+
+    def run() -> None:
+        loop = asyncio.new_event_loop()
+        try:
+            loop.run_until_complete(asyncio.wait_for(_lean_scope_behaves(), 5))
+            outcome.append(None)
+        except BaseException as exc:  # any failure means: do not use it
+            outcome.append(exc)
+        finally:
+            loop.close()
+
+    # A thread of its own, so that importing from inside a running loop works too.
+    thread = threading.Thread(target=run, name="lifecycle-deadline-self-test")
+    thread.start()
+    thread.join()
+    if outcome and outcome[0] is None:
+        return True
+    _LOG.warning(  # pragma: no cover - depends on the installed anyio
+        "anyio %s does not behave as lifecycle's fast request scope expects (%r); using "
+        "anyio.CancelScope instead: the same behaviour, a few microseconds slower per request.",
+        _anyio_version(),
+        outcome[0] if outcome else None,
+    )
+    return False  # pragma: no cover
+
+
+_LEAN_SCOPE_WORKS: Final = _lean_scope_works()
+_use_lean_scope = _LEAN_SCOPE_WORKS  # tests switch it off to run on the public scope
 
 
 def _open_scope(loop: asyncio.AbstractEventLoop | None, deadline: float) -> _Scope:
@@ -429,10 +633,8 @@ def _open_scope(loop: asyncio.AbstractEventLoop | None, deadline: float) -> _Sco
     if loop is None:
         scope: _Scope = _trio().CancelScope(deadline=deadline)
         return scope
-    if _use_shared_timer:
-        shared = _SharedTimerScope(deadline=deadline)
-        shared._shared_timer = _timer_for(loop)
-        return shared
+    if _use_lean_scope:
+        return _LeanScope(_timer_for(loop), deadline)
     return anyio.CancelScope(deadline=deadline)
 
 
@@ -489,11 +691,13 @@ class _DeadlineView:
 
 
 class _RequestState(_DeadlineView):
-    """Everything the middleware tracks for one request (lives in `__call__`'s locals).
+    """Everything the middleware tracks for one request, and the ``send`` it gives the app.
 
-    ``deadline`` is what the request's code sees now, ``None`` once the deadline is lifted;
-    ``given_deadline`` is the deadline the request was given (by the middleware, or by its
-    route), kept when it is lifted after the response, and ``given_at`` when it was given.
+    The small per-request responder (as Starlette's ``GZipResponder``): `send` wraps the
+    server's ``send`` to see when the response starts and completes. ``deadline`` is what the
+    request's code sees now, ``None`` once the deadline is lifted; ``given_deadline`` is the
+    deadline the request was given (by the middleware, or by its route), kept when it is
+    lifted after the response, and ``given_at`` when it was given.
     """
 
     __slots__ = (
@@ -505,6 +709,7 @@ class _RequestState(_DeadlineView):
         "keep_for_background",
         "reserve",
         "scope",
+        "server_send",
         "started",
         "trailers",
         "upstream_expiry",
@@ -514,19 +719,20 @@ class _RequestState(_DeadlineView):
         self,
         scope: _Scope,
         deadline: float | None,
-        clock_offset: float,
         arrival: float,
         client_budget: float | None,
         reserve: float,
+        server_send: Send | None,
     ) -> None:
         self.deadline = deadline
-        self.clock_offset = clock_offset
+        self.clock_offset = time.monotonic() - arrival
         self.scope = scope
         self.arrival = arrival
         self.given_deadline = deadline
         self.given_at = arrival
         self.client_budget = client_budget
         self.reserve = reserve
+        self.server_send = server_send
         self.started = False
         self.completed = False
         self.trailers = False
@@ -544,10 +750,66 @@ class _RequestState(_DeadlineView):
         self.deadline = None
         self.scope.deadline = math.inf
 
+    async def send(self, message: Message) -> None:
+        """The ``send`` the application gets: the server's, watching the response's progress."""
+        server_send = self.server_send
+        assert server_send is not None  # only the middleware's states hand out `send`
+        kind = message["type"]
+        if kind == "http.response.body":
+            await server_send(message)
+            if not message.get("more_body", False) and not self.trailers:
+                self._complete()
+        elif kind == "http.response.start":
+            if self.scope.cancel_called:
+                # The deadline passed while nothing checkpointed (a sync endpoint in a
+                # worker thread): deliver the cancellation before anything is sent.
+                await anyio.lowlevel.checkpoint()
+            self.started = True
+            self.trailers = bool(message.get("trailers", False))
+            await server_send(message)
+        else:
+            await server_send(message)
+            if (
+                kind == "http.response.trailers" and not message.get("more_trailers", False)
+            ) or kind == "http.response.pathsend":
+                self._complete()
+
+    def _complete(self) -> None:
+        self.completed = True
+        if not self.keep_for_background:
+            self.lift()
+
+
+class _PassThrough(_DeadlineView):
+    """What code sees of a request that `DeadlineMiddleware` passed through: no deadline.
+
+    One per middleware, shared by its requests (nothing is allocated per request); a route
+    timeout (`request_timeout`) applied in such a request opens its own scope.
+    """
+
+    __slots__ = ("reserve",)
+
+    def __init__(self, reserve: float) -> None:
+        super().__init__(None, 0.0)
+        self.reserve = reserve
+
 
 _current: contextvars.ContextVar[_DeadlineView | None] = contextvars.ContextVar(
     "lifecycle_deadline", default=None
 )
+
+# Set once a route timeout exists that must find its request's scope already open (the
+# FastAPI dependency, or keep_for_background): from then on no request passes straight through.
+_route_timeouts_need_scope = False
+
+
+def route_timeouts_need_scope() -> None:
+    """Make every `DeadlineMiddleware` open a scope for every request, deadline or not.
+
+    Called by route timeouts that cannot open their own scope lazily.
+    """
+    global _route_timeouts_need_scope  # a process-wide switch, like the observers
+    _route_timeouts_need_scope = True
 
 
 def remaining() -> float | None:
@@ -648,6 +910,7 @@ def _expire_request(deadline: float, reason: str) -> None:
     middleware between here and `DeadlineMiddleware` would turn it into a 500: the
     cancellation is delivered at the next checkpoint, at the latest when a response starts.
     A shorter deadline opened inside the request (`anyio.fail_after`) is left to its owner.
+    ``reason`` goes to the logs, never to the caller.
     """
     state = _current.get()
     if (
@@ -659,9 +922,15 @@ def _expire_request(deadline: float, reason: str) -> None:
         state.scope.cancel()
 
 
-def _apply_route_timeout(timeout: float | None, keep_for_background: bool) -> None:
-    """Give the current request a route's own timeout (``None``: no deadline)."""
+def _apply_route_timeout(timeout: float | None, keep_for_background: bool) -> _PassThrough | None:
+    """Give the current request a route's own timeout (``None``: no deadline).
+
+    Returns the `_PassThrough` of a request the middleware passed through: then the caller
+    opens the route's scope itself (`_run_route_lazily`).
+    """
     state = _current.get()
+    if isinstance(state, _PassThrough):
+        return state
     if not isinstance(state, _RequestState):
         raise RuntimeError(  # noqa: TRY004 - no request in progress, not a wrong argument
             "A per-route request timeout was applied outside a request handled by "
@@ -671,9 +940,59 @@ def _apply_route_timeout(timeout: float | None, keep_for_background: bool) -> No
     state.keep_for_background = keep_for_background
     if timeout is None:
         state.give(None, anyio.current_time())
-        return
+        return None
     budget = timeout if state.client_budget is None else min(timeout, state.client_budget)
     state.give(state.arrival + budget - state.reserve, anyio.current_time())
+    return None
+
+
+class _RouteExpired(DeadlineExceeded):
+    """A route timeout opened lazily expired before its endpoint returned (nothing sent)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+async def _run_route_lazily(
+    passed: _PassThrough, seconds: float, call: Callable[[], Awaitable[_T]]
+) -> _T:
+    """Run an endpoint under its route's timeout in a request that had no deadline.
+
+    The scope is opened here, around the endpoint call, so the timeout counts from the call
+    and bounds the endpoint, not the sending of its response (which starts after it returns).
+    """
+    loop = asyncio._get_running_loop()
+    now = loop.time() if loop is not None else _trio_time()
+    deadline = now + seconds - passed.reserve
+    cancel_scope = _open_scope(loop, deadline)
+    state = _RequestState(cancel_scope, deadline, now, None, passed.reserve, None)
+    token = _current.set(state)
+    raised: BaseException | None = None
+    try:
+        with cancel_scope:
+            result = await call()
+            if cancel_scope.cancel_called:
+                # The deadline passed where nothing could be cancelled (a sync endpoint in a
+                # worker thread): deliver the cancellation now.
+                await anyio.lowlevel.checkpoint()
+            return result
+    except DeadlineExceeded as exc:
+        raised = exc
+    except BaseExceptionGroup as group:
+        matched, rest = group.split(DeadlineExceeded)
+        if rest is not None or matched is None:
+            raise
+        raised = _first_leaf(matched)
+    finally:
+        _current.reset(token)
+        state.deadline = None
+        if cancel_scope.cancelled_caught or raised is not None:
+            reason = state.upstream_expiry or (
+                str(raised) if raised is not None else f"the route's {seconds:g} s timeout"
+            )
+            raise _RouteExpired(reason) from raised
+    raise AssertionError("unreachable")  # pragma: no cover - the scope caught a cancellation
 
 
 def _check_seconds(name: str, value: object, *, allow_none: bool = True) -> float | None:
@@ -692,6 +1011,9 @@ class _RouteTimeout:
     def __init__(self, timeout: float | None, keep_for_background: bool) -> None:
         self.timeout = timeout
         self.keep_for_background = keep_for_background
+        if keep_for_background:
+            # Bounding background tasks needs the middleware's scope, around the response.
+            route_timeouts_need_scope()
 
     @overload
     def __call__(self, endpoint: Callable[_P, Awaitable[_T]]) -> Callable[_P, Awaitable[_T]]: ...
@@ -705,8 +1027,12 @@ class _RouteTimeout:
 
             @functools.wraps(endpoint)
             async def run_async(*args: _P.args, **kwargs: _P.kwargs) -> Any:
-                _apply_route_timeout(timeout, keep)
-                return await endpoint(*args, **kwargs)
+                passed = _apply_route_timeout(timeout, keep)
+                if passed is None or timeout is None:
+                    return await endpoint(*args, **kwargs)
+                return await _run_route_lazily(
+                    passed, timeout, functools.partial(endpoint, *args, **kwargs)
+                )
 
             return run_async
 
@@ -717,8 +1043,13 @@ class _RouteTimeout:
         async def run_in_thread(*args: _P.args, **kwargs: _P.kwargs) -> Any:
             # The deadline is changed here, on the event loop; the sync endpoint then runs in
             # a worker thread as the framework would have run it, seeing it via remaining().
-            _apply_route_timeout(timeout, keep)
-            return await anyio.to_thread.run_sync(functools.partial(endpoint, *args, **kwargs))
+            call = functools.partial(
+                anyio.to_thread.run_sync, functools.partial(endpoint, *args, **kwargs)
+            )
+            passed = _apply_route_timeout(timeout, keep)
+            if passed is None or timeout is None:
+                return await call()
+            return await _run_route_lazily(passed, timeout, call)
 
         return run_in_thread
 
@@ -729,7 +1060,10 @@ def request_timeout(timeout: float | None, *, keep_for_background: bool = False)
     The route's timeout replaces ``default_timeout`` and ``max_timeout`` of
     `DeadlineMiddleware` for that route (it may be longer than both: the server decides); a
     client's shorter budget still wins, and ``reserve`` is still kept back. The new deadline
-    counts from the request's arrival. ``None`` opts the route out: the request runs without a
+    counts from the request's arrival. In a request the middleware passed through (no budget
+    header, no default), the route opens its own scope around the endpoint call: the timeout
+    then counts from the call and bounds the endpoint, not the sending of its response.
+    ``None`` opts the route out: the request runs without a
     deadline whatever the client sent.
 
     It applies when the endpoint is called, after the framework has resolved its dependencies
@@ -759,37 +1093,6 @@ def request_timeout(timeout: float | None, *, keep_for_background: bool = False)
 def _first_leaf(group: BaseExceptionGroup[Any]) -> BaseException:
     first = group.exceptions[0]
     return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
-
-
-def _problem_body(status: int, type_: str, title: str, detail: str) -> bytes:
-    problem = {"type": type_, "title": title, "status": status, "detail": detail}
-    return json.dumps(problem, ensure_ascii=True).encode("ascii")
-
-
-async def send_problem(
-    send: Send,
-    status: int,
-    *,
-    type_: str,
-    title: str,
-    detail: str,
-    headers: Sequence[tuple[bytes, bytes]] = (),
-) -> None:
-    """Send a complete ``application/problem+json`` response (RFC 9457)."""
-    body = _problem_body(status, type_, title, detail)
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", _PROBLEM_CONTENT_TYPE),
-                (b"content-length", str(len(body)).encode("ascii")),
-                (b"cache-control", b"no-store"),
-                *headers,
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
 _EXPIRED_HEADERS: Final = ((DEADLINE_EXPIRED_HEADER.encode("ascii"), b"1"),)
@@ -852,9 +1155,16 @@ class DeadlineMiddleware:
     (which run inside the application call, after the response) are not bound by the caller's
     budget, unless the route asked to keep it (`request_timeout`).
 
-    Bad budget headers (not a positive integer, zero, more than 10 digits, repeated, a gRPC
-    timeout with an unknown unit...) are ignored and counted, or answered ``400`` with a
-    problem body when ``strict`` is set; never a 500.
+    A client can only shorten its budget: a header sent twice, or several budget headers,
+    give the smallest valid value; a budget of 0 (``grpc-timeout: 0S`` included) is already
+    spent and answered 504 at once. Bad budget headers (not a non-negative integer, more than
+    10 digits, a gRPC timeout with an unknown unit...) are ignored and counted, or answered
+    ``400`` with a problem body when ``strict`` is set; never a 500, and never more budget
+    than the default.
+
+    A request no deadline applies to (no valid budget header and no ``default_timeout``)
+    passes straight through, unless a route timeout that needs the request's scope exists
+    (`request_timeout` with ``keep_for_background``, ``lifecycle.fastapi.request_timeout``).
 
     WebSocket and lifespan scopes, and HTTP requests to ``exempt_paths``, pass through.
 
@@ -931,6 +1241,7 @@ class DeadlineMiddleware:
             self._parsers[key] = _parser_for(name.lower())
         self._strict = bool(strict)
         self._exempt_paths = validate_exempt_paths(exempt_paths)
+        self._pass_through = _PassThrough(self._reserve)
         self._received = 0
         self._clamped = 0
         self._malformed = 0
@@ -958,113 +1269,89 @@ class DeadlineMiddleware:
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or route_path(scope) in self._exempt_paths:
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        exempt = self._exempt_paths
+        if exempt:
+            path: str = scope["path"]
+            root_path = scope.get("root_path")
+            if (
+                root_path
+                and path.startswith(root_path)
+                and path[len(root_path) : len(root_path) + 1] == "/"
+            ):
+                path = path[len(root_path) :]
+            if path in exempt:
+                await self.app(scope, receive, send)
+                return
 
-        loop = asyncio._get_running_loop()
-        now = loop.time() if loop is not None else _trio_time()
-
+        # One pass over the headers: parse each budget header as it is found.
         budget: float | None = None
         parsers = self._parsers
         if parsers:
-            found: list[tuple[bytes, bytes]] | None = None
+            problem: tuple[bytes, bytes, str] | None = None
             for name, value in scope["headers"]:
                 if name in parsers:
-                    if found is None:
-                        found = [(name, value)]
-                    else:
-                        found.append((name, value))
-            if found is not None:
-                if len(found) == 1:  # the common case: one budget header
-                    name, value = found[0]
                     try:
-                        budget = parsers[name](value)
+                        seconds = parsers[name](value)
                     except _MalformedBudget as exc:
-                        problem: tuple[str, bytes, str] | None = (
-                            name.decode("latin-1"),
-                            value,
-                            str(exc),
-                        )
-                    else:
-                        problem = None
-                else:
-                    budget, problem = _read_budget(found)
-                if problem is not None:
-                    self._malformed += 1
-                    header, value, expected = problem
-                    if self._strict:
-                        await self._reject_malformed(send, header, value, expected)
-                        return
-                    _LOG.debug(
-                        "Ignored budget header %s=%r: expected %s.", header, value[:64], expected
-                    )
+                        if problem is None:
+                            problem = (name, value, str(exc))
+                        continue
+                    if budget is None or seconds < budget:
+                        budget = seconds
+            if problem is not None:
+                self._malformed += 1
+                header, raw, expected = problem
+                if self._strict:
+                    await self._reject_malformed(send, header.decode("latin-1"), raw, expected)
+                    return
+                _LOG.debug("Ignored budget header %s=%r: expected %s.", header, raw[:64], expected)
 
         client_budget = budget
-        if budget is not None:
-            self._received += 1
-            if self._max_timeout is not None and budget > self._max_timeout:
-                budget = self._max_timeout
-                self._clamped += 1
-        else:
+        if budget is None:
             budget = self._default_timeout
+            if budget is None and not _route_timeouts_need_scope:
+                # No deadline applies: no scope, no timer, nothing allocated for the request.
+                token = _current.set(self._pass_through)
+                self._in_flight += 1
+                try:
+                    await self.app(scope, receive, send)
+                except _RouteExpired as exc:
+                    # Raised by an endpoint's lazily opened route timeout, before it returned
+                    # a response: nothing was sent yet.
+                    self._expired += 1
+                    await self._send_expired(scope, send, exc.reason)
+                finally:
+                    self._in_flight -= 1
+                    _current.reset(token)
+                return
+        else:
+            self._received += 1
+            if budget <= 0.0:  # a budget of 0 (or a gRPC timeout of 0): already spent
+                await self._reject_early(send, budget)
+                return
+            max_timeout = self._max_timeout
+            if max_timeout is not None and budget > max_timeout:
+                budget = max_timeout
+                self._clamped += 1
 
+        loop = asyncio._get_running_loop()
+        now = loop.time() if loop is not None else _trio_time()
         deadline: float | None = None
         if budget is not None:
             usable = budget - self._reserve
             if self._min_budget is not None and usable < self._min_budget:
-                self._rejected_early += 1
-                await send_problem(
-                    send,
-                    504,
-                    type_=DEADLINE_EXPIRED_TYPE,
-                    title="Deadline expired",
-                    detail=(
-                        f"The request's budget of {budget * 1000:.0f} ms leaves less than the "
-                        f"{self._min_budget * 1000:.0f} ms this service needs; it was not started."
-                    ),
-                    headers=_EXPIRED_HEADERS,
-                )
+                await self._reject_early(send, budget)
                 return
             deadline = now + usable
+            cancel_scope = _open_scope(loop, deadline)
+        else:  # no deadline, but route timeouts need the scope (`route_timeouts_need_scope`)
+            cancel_scope = _open_scope(loop, math.inf)
+        state = _RequestState(cancel_scope, deadline, now, client_budget, self._reserve, send)
 
-        cancel_scope = _open_scope(loop, math.inf if deadline is None else deadline)
-        state = _RequestState(
-            cancel_scope,
-            deadline,
-            time.monotonic() - now,
-            now,
-            client_budget,
-            self._reserve,
-        )
-
-        async def send_with_deadline(message: Message) -> None:
-            kind = message["type"]
-            if kind == "http.response.start":
-                if cancel_scope.cancel_called:
-                    # The deadline passed while nothing checkpointed (a sync endpoint in a
-                    # worker thread): deliver the cancellation before anything is sent.
-                    await anyio.lowlevel.checkpoint()
-                state.started = True
-                state.trailers = bool(message.get("trailers", False))
-                await send(message)
-            elif (
-                (
-                    kind == "http.response.body"
-                    and not message.get("more_body", False)
-                    and not state.trailers
-                )
-                or (kind == "http.response.trailers" and not message.get("more_trailers", False))
-                or kind == "http.response.pathsend"
-            ):
-                await send(message)
-                state.completed = True
-                if not state.keep_for_background:
-                    state.lift()
-            else:
-                await send(message)
-
-        observers = _observers if deadline is not None and budget is not None else None
+        observers = _observers if deadline is not None else None
         if observers:
             for observer in observers:
                 observer.request_started(budget, client_budget)  # type: ignore[arg-type]
@@ -1074,7 +1361,7 @@ class DeadlineMiddleware:
         self._in_flight += 1
         try:
             with cancel_scope:
-                await self.app(scope, receive, send_with_deadline)
+                await self.app(scope, receive, state.send)
         except DeadlineExceeded as exc:
             if state.completed:  # raised by background work: not the request's to answer
                 raise
@@ -1091,7 +1378,7 @@ class DeadlineMiddleware:
             _current.reset(token)
 
         try:
-            if cancel_scope.cancelled_caught or raised is not None:
+            if raised is not None or cancel_scope.cancelled_caught:
                 await self._expired_response(scope, send, state, cancel_scope, loop, raised)
         finally:
             # The deadline in force at the end: the route's own, if it set one; none at all
@@ -1105,6 +1392,44 @@ class DeadlineMiddleware:
             # Work that outlives the request with a copy of its context (threads, tasks) no
             # longer sees its deadline.
             state.deadline = None
+
+    async def _reject_early(self, send: Send, budget: float) -> None:
+        self._rejected_early += 1
+        await send_problem(
+            send,
+            504,
+            type_=DEADLINE_EXPIRED_TYPE,
+            title="Deadline expired",
+            detail=(
+                "The request's budget was already spent when it arrived; it was not started."
+                if budget <= 0.0
+                else "The request's budget is shorter than this service needs; it was not started."
+            ),
+            headers=_EXPIRED_HEADERS,
+        )
+
+    async def _send_expired(self, scope: Scope, send: Send, reason: str | None) -> None:
+        """Answer the 504; what caused it goes to the log, under the body's ``instance``."""
+        instance = await send_problem(
+            send,
+            504,
+            type_=DEADLINE_EXPIRED_TYPE,
+            title="Deadline expired",
+            detail=(
+                "The request's deadline expired before the response started."
+                if reason is None
+                else "The request's deadline expired while waiting on a dependency."
+            ),
+            headers=_EXPIRED_HEADERS,
+        )
+        if reason is not None:
+            _LOG.info(
+                "Answered 504 to %s %s (%s): the deadline expired: %s",
+                scope.get("method", "?"),
+                scope["path"],
+                instance,
+                reason,
+            )
 
     async def _expired_response(
         self,
@@ -1132,19 +1457,8 @@ class DeadlineMiddleware:
                 )
         if not state.started:
             self._expired += 1
-            if raised is not None or state.upstream_expiry is not None:
-                reason = state.upstream_expiry if raised is None else str(raised)
-                detail = f"The deadline expired: {reason}"
-            else:
-                detail = "The request's deadline expired before the response started."
-            await send_problem(
-                send,
-                504,
-                type_=DEADLINE_EXPIRED_TYPE,
-                title="Deadline expired",
-                detail=detail,
-                headers=_EXPIRED_HEADERS,
-            )
+            reason = state.upstream_expiry if raised is None else str(raised)
+            await self._send_expired(scope, send, reason)
         elif not state.completed:
             self._aborted += 1
             _LOG.warning(

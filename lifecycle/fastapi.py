@@ -162,6 +162,8 @@ def request_timeout(timeout: float | None, *, keep_for_background: bool = False)
         ValueError: ``timeout`` is not positive and finite.
     """
     checked = _deadline._check_seconds("timeout", timeout)
+    # Applied from a dependency, it cannot open a scope of its own: the middleware must.
+    _deadline.route_timeouts_need_scope()
 
     async def apply_request_timeout() -> None:
         _deadline._apply_route_timeout(checked, keep_for_background)

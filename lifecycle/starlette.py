@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import logging
 import time
 from collections.abc import Callable, Coroutine, Mapping
 from typing import TYPE_CHECKING, Any
@@ -16,12 +17,21 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from ._problem import (
+    PROBLEM_CONTENT_TYPE,
+    QUEUE_FULL_TYPE,
+    SHUTTING_DOWN_TYPE,
+    new_instance,
+    problem_body,
+)
 from .exceptions import PoolClosed, QueueFull
 
 if TYPE_CHECKING:
     from ._lifecycle import Lifecycle
 
 __all__ = ["drain_route", "exception_handlers"]
+
+_LOG = logging.getLogger("lifecycle.starlette")
 
 # -- background work ----------------------------------------------------------------------
 
@@ -47,21 +57,22 @@ def exception_handlers(
 
     async def overloaded(request: Request, exc: Exception) -> Response:
         full = isinstance(exc, QueueFull)
-        body = {
-            "type": "about:blank",
-            "title": "Service Unavailable",
-            "status": 503,
-            "detail": (
-                "The server is at capacity; retry later."
-                if full
-                else "The server is shutting down; retry on another instance."
-            ),
-        }
+        instance = new_instance()
+        body = problem_body(
+            503,
+            QUEUE_FULL_TYPE if full else SHUTTING_DOWN_TYPE,
+            "Service overloaded" if full else "Service shutting down",
+            "The server is at capacity; retry later."
+            if full
+            else "The server is shutting down; retry on another instance.",
+            instance,
+        )
+        _LOG.info("Answered 503 to %s %s (%s): %s", request.method, request.url.path, instance, exc)
         return Response(
-            json.dumps(body),
+            body,
             status_code=503,
-            media_type="application/problem+json",
-            headers={"Retry-After": str(retry_after)},
+            media_type=PROBLEM_CONTENT_TYPE,
+            headers={"Retry-After": str(retry_after), "Cache-Control": "no-store"},
         )
 
     return {QueueFull: overloaded, PoolClosed: overloaded}

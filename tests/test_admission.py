@@ -259,3 +259,71 @@ def test_options_are_validated(
 ) -> None:
     with pytest.raises(error, match=re.escape(message)):
         lifecycle.ConcurrencyLimitMiddleware(Starlette(), **options)
+
+
+# -- problem bodies: one shape for the whole package ------------------------------------------
+
+
+async def test_every_problem_body_of_the_package_has_the_same_shape() -> None:
+    from lifecycle.exceptions import PoolClosed, QueueFull
+    from lifecycle.starlette import exception_handlers
+
+    async def full(request: Request) -> PlainTextResponse:
+        raise QueueFull("the queue 'jobs' is full")
+
+    async def closed(request: Request) -> PlainTextResponse:
+        raise PoolClosed("pool 'jobs' is draining")
+
+    gate = Gate()
+    gate.open.set()
+    busy = lifecycle.ConcurrencyLimitMiddleware(
+        Starlette(routes=[Route("/work", gate.work)]), max_concurrency=1, max_wait=0
+    )
+    handlers = Starlette(
+        routes=[Route("/full", full), Route("/closed", closed)],
+        exception_handlers=exception_handlers(),
+    )
+
+    async def never(request: Request) -> PlainTextResponse:
+        await anyio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    deadline = lifecycle.DeadlineMiddleware(
+        Starlette(routes=[Route("/", never)]), default_timeout=0.02, reserve=0.0
+    )
+    strict = lifecycle.DeadlineMiddleware(Starlette(routes=[Route("/", never)]), strict=True)
+
+    responses: dict[str, httpx.Response] = {}
+    async with client(handlers) as http:
+        responses["queue full"] = await http.get("/full")
+        responses["shutting down"] = await http.get("/closed")
+    async with client(deadline) as http:
+        responses["expired"] = await http.get("/")
+    async with client(strict) as http:
+        responses["malformed"] = await http.get("/", headers={"grpc-timeout": "soon"})
+    busy._free = 0  # every slot taken: the next request is refused at once
+    async with client(busy) as http:
+        responses["overloaded"] = await http.get("/work")
+
+    expected = {
+        "queue full": (503, "urn:lifecycle:problem:queue-full"),
+        "shutting down": (503, "urn:lifecycle:problem:shutting-down"),
+        "expired": (504, lifecycle.DEADLINE_EXPIRED_TYPE),
+        "malformed": (400, lifecycle.MALFORMED_BUDGET_TYPE),
+        "overloaded": (503, lifecycle.OVERLOADED_TYPE),
+    }
+    instances = set()
+    for name, response in responses.items():
+        status, type_ = expected[name]
+        assert response.status_code == status, name
+        assert response.headers["content-type"] == "application/problem+json", name
+        assert response.headers["cache-control"] == "no-store", name
+        problem = response.json()
+        assert set(problem) == {"type", "title", "status", "detail", "instance"}, name
+        assert problem["type"] == type_, name
+        assert problem["status"] == status, name
+        assert re.fullmatch(r"urn:uuid:[0-9a-f-]{36}", problem["instance"]), name
+        instances.add(problem["instance"])
+        # Internal names (queues, pools) stay out of what the caller sees.
+        assert "jobs" not in problem["detail"], name
+    assert len(instances) == len(responses)

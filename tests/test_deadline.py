@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
 import logging
 import math
 import re
 import threading
 import time
+import weakref
 from collections.abc import AsyncIterator
 from functools import partial
 from typing import Any
@@ -40,7 +42,7 @@ BUDGET = "x-request-timeout-ms"
 @pytest.fixture(params=[True, False], ids=["shared-timer", "plain-scope"])
 def timer_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
     """Run a test with the shared-timer scope and with plain anyio scopes (asyncio)."""
-    monkeypatch.setattr(_deadline, "_use_shared_timer", request.param)
+    monkeypatch.setattr(_deadline, "_use_lean_scope", request.param)
     return bool(request.param)
 
 
@@ -83,6 +85,7 @@ def assert_expired_response(response: httpx.Response) -> dict[str, Any]:
     assert problem["status"] == 504
     assert problem["title"] == "Deadline expired"
     assert problem["detail"]
+    assert re.fullmatch(r"urn:uuid:[0-9a-f-]{36}", problem["instance"])
     return problem
 
 
@@ -313,7 +316,8 @@ async def test_a_deadline_already_past_when_set_is_not_an_overrun(
     router = Starlette(
         routes=[Route("/", prompt), Route("/route", lifecycle.request_timeout(0.06)(prompt))]
     )
-    app = lifecycle.DeadlineMiddleware(slow_to_route, reserve=0.05)
+    # With a default, the route's timeout replaces it and counts from the request's arrival.
+    app = lifecycle.DeadlineMiddleware(slow_to_route, default_timeout=30.0, reserve=0.05)
     with caplog.at_level(logging.WARNING, logger="lifecycle.deadline"):
         async with client(app) as http:
             for value in ("5n", "1u"):
@@ -473,7 +477,9 @@ def installed_middleware(app: Starlette) -> lifecycle.DeadlineMiddleware:
     return layer
 
 
-async def test_a_deadline_exceeded_escaping_the_app_becomes_the_504() -> None:
+async def test_a_deadline_exceeded_escaping_the_app_becomes_the_504(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     async def upstream_expired(request: Request) -> Response:
         raise lifecycle.DeadlineExceeded("upstream said so")
 
@@ -490,11 +496,15 @@ async def test_a_deadline_exceeded_escaping_the_app_becomes_the_504() -> None:
     # would otherwise answer 500 to any exception before it reached the deadline middleware.
     app = Starlette(routes=[Route("/plain", upstream_expired), Route("/group", in_a_task_group)])
     app.add_middleware(lifecycle.DeadlineMiddleware, default_timeout=30.0)
-    async with client(app) as http:
-        for path in ("/plain", "/group"):
-            problem = assert_expired_response(await http.get(path))
-            assert "upstream said so" in problem["detail"]
+    with caplog.at_level(logging.INFO, logger="lifecycle.deadline"):
+        async with client(app) as http:
+            problems = [assert_expired_response(await http.get(p)) for p in ("/plain", "/group")]
     assert installed_middleware(app).statistics().expired == 2
+    # The exception's text is internal: it goes to the log under the body's instance.
+    logged = [r.getMessage() for r in caplog.records if "upstream said so" in r.getMessage()]
+    for problem in problems:
+        assert "upstream said so" not in problem["detail"]
+        assert [line for line in logged if problem["instance"] in line]
 
 
 async def test_other_errors_are_not_turned_into_504s() -> None:
@@ -546,7 +556,7 @@ async def test_an_outer_cancellation_is_not_swallowed() -> None:
 MALFORMED = [
     (BUDGET, "abc"),
     (BUDGET, "-5"),
-    (BUDGET, "0"),
+    (BUDGET, "1 000"),
     (BUDGET, "1.5"),
     (BUDGET, "1e3"),
     (BUDGET, "inf"),
@@ -560,7 +570,7 @@ MALFORMED = [
     ("grpc-timeout", "5x"),
     ("grpc-timeout", "5"),
     ("grpc-timeout", "m"),
-    ("grpc-timeout", "0S"),
+    ("grpc-timeout", "5 S"),
     ("grpc-timeout", "123456789S"),  # 9 digits
     ("grpc-timeout", "-1S"),
     ("grpc-timeout", "1.5S"),
@@ -596,15 +606,76 @@ async def test_malformed_budgets_get_a_400_in_strict_mode(header: str, value: st
     assert app.statistics().malformed == 1
 
 
-async def test_a_repeated_budget_header_is_malformed_and_a_valid_one_still_counts() -> None:
+async def test_a_repeated_budget_header_takes_its_smallest_value() -> None:
     app = wrap([Route("/", seen)], default_timeout=7.0, reserve=0.0)
-    repeated = [(b"x-request-timeout-ms", b"100"), (b"x-request-timeout-ms", b"200")]
     async with client(app) as http:
-        only_repeated = await http.get("/", headers=repeated)
-        with_valid = await http.get("/", headers=[*repeated, (b"grpc-timeout", b"2S")])
-    assert 6.0 < only_repeated.json()["remaining"] <= 7.0
-    assert 1.0 < with_valid.json()["remaining"] <= 2.0
-    assert app.statistics().malformed == 2
+        larger_first = await http.get("/", headers=[(BUDGET, "5000"), (BUDGET, "300")])
+        smaller_first = await http.get("/", headers=[(BUDGET, "300"), (BUDGET, "5000")])
+        grpc = await http.get("/", headers=[("grpc-timeout", "4S"), ("grpc-timeout", "200m")])
+    assert 0.2 < larger_first.json()["remaining"] <= 0.3
+    assert 0.2 < smaller_first.json()["remaining"] <= 0.3
+    assert 0.1 < grpc.json()["remaining"] <= 0.2
+    stats = app.statistics()
+    assert (stats.received, stats.malformed) == (3, 0)
+
+
+async def test_several_schemes_take_the_smallest_budget_whatever_the_order() -> None:
+    app = wrap([Route("/", seen)], default_timeout=7.0, reserve=0.0)
+    schemes = [
+        ("grpc-timeout", "3S"),
+        ("x-envoy-expected-rq-timeout-ms", "250"),
+        (BUDGET, "4000"),
+        ("connect-timeout-ms", "2000"),
+    ]
+    async with client(app) as http:
+        for headers in (schemes, schemes[::-1]):
+            response = await http.get("/", headers=headers)
+            assert 0.15 < response.json()["remaining"] <= 0.25
+
+
+@pytest.mark.parametrize(
+    ("header", "value"),
+    [
+        (BUDGET, "0"),
+        (BUDGET, "000"),
+        ("grpc-timeout", "0S"),
+        ("grpc-timeout", "0n"),
+        ("connect-timeout-ms", "0"),
+        ("x-envoy-expected-rq-timeout-ms", "0"),
+    ],
+)
+async def test_a_budget_of_zero_is_already_expired_not_the_default(header: str, value: str) -> None:
+    ran = []
+
+    async def endpoint(request: Request) -> Response:
+        ran.append(request.url.path)
+        return PlainTextResponse("ok")
+
+    app = wrap([Route("/", endpoint)], default_timeout=30.0)
+    async with client(app) as http:
+        assert_expired_response(await http.get("/", headers={header: value}))
+        # Even beside a longer budget of another scheme: the smallest one wins.
+        assert_expired_response(await http.get("/", headers=[(header, value), (BUDGET, "9000")]))
+    assert ran == []
+    stats = app.statistics()
+    assert (stats.rejected_early, stats.received, stats.malformed) == (2, 2, 0)
+
+
+async def test_a_zero_budget_expires_at_once_without_a_default_too() -> None:
+    app = wrap([Route("/", seen)])
+    async with client(app) as http:
+        assert_expired_response(await http.get("/", headers={BUDGET: "0"}))
+
+
+@pytest.mark.parametrize(("header", "value"), MALFORMED)
+async def test_a_malformed_value_never_gets_more_than_the_default(header: str, value: str) -> None:
+    app = wrap([Route("/", seen)], default_timeout=0.5, max_timeout=60.0, reserve=0.0)
+    async with client(app) as http:
+        alone = await http.get("/", headers={header: value})
+        # A malformed value beside a valid one is ignored: the valid one applies.
+        beside = await http.get("/", headers=[(header, value), ("grpc-timeout", "200m")])
+    assert 0.0 < alone.json()["remaining"] <= 0.5
+    assert 0.0 < beside.json()["remaining"] <= 0.2
 
 
 async def test_non_ascii_and_binary_header_values_never_cause_a_500() -> None:
@@ -625,7 +696,8 @@ def test_fuzz_the_budget_parsers(value: bytes) -> None:
         except _deadline._MalformedBudget:
             continue  # anything else escaping the parser fails the test
         assert math.isfinite(seconds)
-        assert seconds > 0
+        assert seconds >= 0  # 0 is a budget already spent
+        assert (seconds == 0) == (value.strip(b" \t").rstrip(b"HMSmun").strip(b"0") == b"")
 
 
 @given(
@@ -992,10 +1064,10 @@ def test_route_timeouts_are_validated(timeout: Any, error: type[Exception]) -> N
 # -- internals worth pinning ----------------------------------------------------------------
 
 
-def test_the_shared_timer_fast_path_is_available_on_the_installed_anyio() -> None:
+def test_the_fast_scope_passes_its_self_test_on_the_installed_anyio() -> None:
     # If an anyio upgrade changes its asyncio cancel scope, deadlines fall back to plain
     # scopes (correct, slower); this test makes the fallback visible.
-    assert _deadline._FAST_SCOPE_AVAILABLE
+    assert _deadline._LEAN_SCOPE_WORKS
 
 
 def test_statistics_are_a_frozen_snapshot() -> None:
@@ -1009,3 +1081,252 @@ def test_statistics_are_a_frozen_snapshot() -> None:
 def test_remaining_outside_any_event_loop_or_request_is_none() -> None:
     assert lifecycle.remaining() is None
     assert lifecycle.current_deadline() is None
+
+
+# -- 8. the request's scope: anyio's semantics on both code paths -----------------------------
+# Each runs with the fast scope and with plain anyio scopes (`timer_mode`), and, on asyncio,
+# in a task anyio did not create, as a server runs requests (`in_server_task`): that is where
+# the fast scope takes its short path.
+
+
+async def in_server_task(call: Any) -> Any:
+    """Await ``call()`` in a fresh task and context that anyio knows nothing of (asyncio)."""
+    if sniffio_backend() != "asyncio":
+        return await call()
+    loop = asyncio.get_running_loop()
+    return await loop.create_task(call(), context=contextvars.Context())
+
+
+def sniffio_backend() -> str:
+    import sniffio
+
+    return sniffio.current_async_library()
+
+
+def status_of(sent: list[dict[str, Any]]) -> int:
+    (start,) = [m for m in sent if m["type"] == "http.response.start"]
+    return int(start["status"])
+
+
+async def test_nested_timeouts_compose_with_the_request_deadline(timer_mode: bool) -> None:
+    seen_inside: dict[str, float] = {}
+
+    async def endpoint(request: Request) -> JSONResponse:
+        outer = anyio.current_effective_deadline()
+        with anyio.move_on_after(0.05) as shorter:
+            seen_inside["shorter"] = anyio.current_effective_deadline() - shorter.deadline
+            await anyio.sleep(1)
+        with anyio.fail_after(60):  # longer than the request's: the request's still binds
+            seen_inside["longer"] = anyio.current_effective_deadline() - outer
+            await anyio.lowlevel.checkpoint()
+        seen_inside["after"] = anyio.current_effective_deadline() - outer
+        return JSONResponse({"moved_on": shorter.cancelled_caught})
+
+    app = wrap([Route("/", endpoint)], default_timeout=5.0)
+    sent = await in_server_task(lambda: raw_call(app))
+    assert status_of(sent) == 200
+    assert json.loads(sent[-1]["body"]) == {"moved_on": True}
+    assert seen_inside == {"shorter": 0.0, "longer": 0.0, "after": 0.0}
+
+
+async def test_expiry_never_interrupts_a_shielded_block(timer_mode: bool) -> None:
+    finished: list[str] = []
+
+    async def endpoint(request: Request) -> Response:
+        with anyio.CancelScope(shield=True):
+            await anyio.sleep(0.1)  # well past the 20 ms deadline
+            finished.append("shielded")
+        await anyio.sleep(1)
+        raise AssertionError("unreachable")
+
+    app = wrap([Route("/", endpoint)], default_timeout=0.02, reserve=0.0)
+    sent = await in_server_task(lambda: raw_call(app))
+    assert status_of(sent) == 504
+    assert finished == ["shielded"]
+
+
+async def test_a_task_group_in_the_handler_is_cancelled_into_a_504(timer_mode: bool) -> None:
+    children_cancelled = 0
+
+    async def child() -> None:
+        nonlocal children_cancelled
+        try:
+            await anyio.sleep_forever()
+        finally:
+            children_cancelled += 1
+
+    async def endpoint(request: Request) -> Response:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(child)
+            tg.start_soon(child)
+            await anyio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    app = Starlette(routes=[Route("/", endpoint)])
+    app.add_middleware(lifecycle.DeadlineMiddleware, default_timeout=0.02, reserve=0.0)
+    sent = await in_server_task(lambda: raw_call(app))  # an ExceptionGroup would raise here
+    assert status_of(sent) == 504
+    assert children_cancelled == 2
+
+
+async def test_cancellation_is_level_triggered(timer_mode: bool) -> None:
+    swallowed = 0
+
+    async def endpoint(request: Request) -> Response:
+        nonlocal swallowed
+        for _ in range(3):
+            try:
+                await anyio.sleep(1)
+            except anyio.get_cancelled_exc_class():
+                swallowed += 1  # a handler that swallows it: cancelled again at the next await
+        await anyio.sleep(1)
+        raise AssertionError("unreachable")
+
+    app = wrap([Route("/", endpoint)], default_timeout=0.02, reserve=0.0)
+    sent = await in_server_task(lambda: raw_call(app))
+    assert status_of(sent) == 504
+    assert swallowed == 3
+
+
+async def test_no_cancellation_is_left_for_the_next_request_in_the_same_task(
+    timer_mode: bool,
+) -> None:
+    async def endpoint(request: Request) -> Response:
+        if request.query_params.get("slow"):
+            await anyio.sleep(1)
+        await anyio.sleep(0.03)  # longer than the first request's deadline
+        return PlainTextResponse("ok")
+
+    app = wrap([Route("/", endpoint)], default_timeout=5.0, reserve=0.0)
+
+    async def keep_alive() -> list[int]:
+        statuses = []
+        for headers in ([(b"x-request-timeout-ms", b"10")], [], [(b"grpc-timeout", b"1S")]):
+            statuses.append(status_of(await raw_call(app, headers=headers)))
+            assert anyio.current_effective_deadline() == math.inf
+            if sniffio_backend() == "asyncio":
+                task = asyncio.current_task()
+                assert task is not None
+                assert task.cancelling() == 0
+        await anyio.sleep(0.05)  # nothing pending is delivered later either
+        return statuses
+
+    assert await in_server_task(keep_alive) == [504, 200, 200]
+
+
+async def test_an_outer_cancellation_passes_through_the_request_scope(timer_mode: bool) -> None:
+    entered = anyio.Event()
+
+    async def endpoint(request: Request) -> Response:
+        entered.set()
+        await anyio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    app = wrap([Route("/", endpoint)], default_timeout=30.0)
+    sent: list[dict[str, Any]] = []
+
+    async def serve() -> None:
+        sent.extend(await raw_call(app))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(in_server_task, serve)
+        await entered.wait()
+        tg.cancel_scope.cancel()
+    assert sent == []
+    assert app.statistics().expired == 0
+
+
+def test_the_fast_scope_self_test_fails_a_scope_that_leaves_its_task_state_behind(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The self-test checks behaviour, not attribute names: a scope whose clean exit forgets
+    # to restore the task's state fails it, and the middleware would use anyio.CancelScope.
+    original = _deadline._LeanScope.__exit__
+
+    def leaky_exit(self: Any, *exc_info: Any) -> bool:
+        state = _deadline._task_data.get(weakref.ref(self._host_task))
+        result: bool = original(self, *exc_info)
+        if state is not None and state.cancel_scope is None:
+            state.cancel_scope = self  # left behind
+        return result
+
+    assert _deadline._lean_scope_works()
+    monkeypatch.setattr(_deadline._LeanScope, "__exit__", leaky_exit)
+    assert not _deadline._lean_scope_works()
+
+
+# -- 9. the pass-through ----------------------------------------------------------------------
+
+
+async def test_without_header_default_or_route_timeout_the_request_passes_straight_through(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(_deadline, "_route_timeouts_need_scope", False)
+    opened: list[float] = []
+    real_open = _deadline._open_scope
+
+    def counting_open(loop: Any, deadline: float) -> Any:
+        opened.append(deadline)
+        return real_open(loop, deadline)
+
+    monkeypatch.setattr(_deadline, "_open_scope", counting_open)
+    received_send: list[Any] = []
+    inner = Starlette(routes=[Route("/", seen)])
+
+    async def spy(scope: Any, receive: Any, send: Any) -> None:
+        received_send.append(send)
+        await inner(scope, receive, send)
+
+    app = lifecycle.DeadlineMiddleware(spy)
+    sends: list[Any] = []
+
+    async def server_send(message: Any) -> None:
+        sends.append(message)
+
+    request_scope = {"type": "http", "method": "GET", "path": "/", "headers": [], "root_path": ""}
+    request_scope |= {"query_string": b"", "scheme": "http", "server": ("t", 80)}
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    await in_server_task(lambda: app(request_scope, receive, server_send))
+    assert received_send == [server_send]  # the server's own send: no wrapper
+    assert opened == []  # no scope, so no timer
+    assert json.loads(sends[-1]["body"]) == {"remaining": None, "effective_deadline_left": None}
+    # With a header, the same middleware opens a scope.
+    request_scope["headers"] = [(b"x-request-timeout-ms", b"5000")]
+    await in_server_task(lambda: app(request_scope, receive, server_send))
+    assert len(opened) == 1
+
+
+async def test_a_route_timeout_in_a_passed_through_request_opens_its_scope_lazily(
+    monkeypatch: pytest.MonkeyPatch, timer_mode: bool
+) -> None:
+    monkeypatch.setattr(_deadline, "_route_timeouts_need_scope", False)
+
+    @lifecycle.request_timeout(0.05)
+    async def short(request: Request) -> Response:
+        await anyio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    @lifecycle.request_timeout(30.0)
+    async def long(request: Request) -> JSONResponse:
+        return budget_seen(request)
+
+    @lifecycle.request_timeout(0.05)
+    def sync_short(request: Request) -> JSONResponse:
+        time.sleep(0.1)  # cannot be cancelled: answered 504 when it returns
+        return JSONResponse({})
+
+    app = Starlette(
+        routes=[Route("/short", short), Route("/long", long), Route("/sync", sync_short)]
+    )
+    app.add_middleware(lifecycle.DeadlineMiddleware, reserve=0.0)
+    async with client(app) as http:
+        assert_expired_response(await http.get("/short"))
+        assert_expired_response(await http.get("/sync"))
+        longer = (await http.get("/long")).json()
+        unbounded = (await http.get("/")).status_code
+    assert 29.0 < longer["remaining"] <= 30.0
+    assert unbounded == 404
+    assert installed_middleware(app).statistics().expired == 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 import socket
@@ -213,7 +214,9 @@ async def test_a_spent_budget_fails_fast_without_sending() -> None:
     assert "was not sent" in str(exc)
 
 
-async def test_an_upstream_expiry_comes_back_as_our_504_even_through_error_middleware() -> None:
+async def test_an_upstream_expiry_comes_back_as_our_504_even_through_error_middleware(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     http, _ = upstream_client()
 
     async def handler(request: Request) -> Response:
@@ -222,13 +225,19 @@ async def test_an_upstream_expiry_comes_back_as_our_504_even_through_error_middl
         return PlainTextResponse("unreachable")
 
     app = service(handler)
-    async with http, caller(app) as client:
-        response = await client.get("/", headers={BUDGET: "2000"})
+    with caplog.at_level(logging.INFO, logger="lifecycle.deadline"):
+        async with http, caller(app) as client:
+            response = await client.get("/", headers={BUDGET: "2000"})
     # Starlette's ServerErrorMiddleware sits between the handler and DeadlineMiddleware; the
     # transport ends the request through its cancel scope, so this is not a 500.
     assert_expired_response(response)
-    assert "expired there" in response.json()["detail"]
     assert app.statistics().expired == 1
+    # The upstream's URL and host stay inside: in the log, under the body's instance.
+    problem = response.json()
+    assert "upstream" not in problem["detail"].lower()
+    assert "http" not in problem["detail"]
+    (logged,) = [r.getMessage() for r in caplog.records if problem["instance"] in r.getMessage()]
+    assert "GET http://upstream/expired answered 504" in logged
 
 
 async def test_a_504_without_the_marker_or_from_an_unbudgeted_host_is_a_plain_response() -> None:
