@@ -24,6 +24,7 @@ LAYERS: dict[str, set[str]] = {
         "_leaks",
         "_deadline",
         "_admission",
+        "_problem",
     },
     "kernel": {"_kernel"},
     "extensions": {"_observe", "_drain", "_health", "_workers"},
