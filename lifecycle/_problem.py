@@ -30,6 +30,7 @@ __all__ = [
     "OVERLOADED_TYPE",
     "PROBLEM_CONTENT_TYPE",
     "QUEUE_FULL_TYPE",
+    "SERVICE_UNAVAILABLE_TYPE",
     "SHUTTING_DOWN_TYPE",
     "new_instance",
     "problem_body",
@@ -50,6 +51,9 @@ QUEUE_FULL_TYPE: Final = "urn:lifecycle:problem:queue-full"
 
 SHUTTING_DOWN_TYPE: Final = "urn:lifecycle:problem:shutting-down"
 """RFC 9457 problem type of the 503 answered to `PoolClosed` (the service is draining)."""
+
+SERVICE_UNAVAILABLE_TYPE: Final = "urn:lifecycle:problem:service-unavailable"
+"""RFC 9457 problem type of the 503 answered when a service a request needs is not running."""
 
 PROBLEM_CONTENT_TYPE: Final = "application/problem+json"
 

@@ -6,14 +6,21 @@ extra (``pip install 'lifecycle[fastapi]'``).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from ._kernel import Service
+from ._timeline import LifecycleState
+from .exceptions import ServiceNotRunning
+from .starlette import ServiceUnavailable
 
 __all__ = ["provide", "request_timeout"]
 
 T = TypeVar("T")
+
+_log = logging.getLogger("lifecycle.fastapi")
+_RUNS = (LifecycleState.STARTING, LifecycleState.RUNNING, LifecycleState.STOPPING)
 
 # -- service values -----------------------------------------------------------------------
 
@@ -38,13 +45,26 @@ def provide(service: Service[T]) -> Callable[[], Awaitable[T]]:
         The dependency callable.
 
     Raises:
-        lifecycle.ServiceNotRunning: At request time, when the app's lifespan is not running
-            the service.
+        lifecycle.starlette.ServiceUnavailable: At request time, while the app's lifespan is
+            not running the service (it starts, drains or has stopped): a 503 with
+            ``Retry-After``, never a 500.
     """
     lifecycle = service.lifecycle
 
     async def dependency() -> T:
-        return lifecycle.get(service)
+        try:
+            return lifecycle.get(service)
+        except ServiceNotRunning as exc:
+            # Never started at all is a mistake (a forgotten lifespan=); the rest, a start or
+            # a drain, is the ordinary life of a server.
+            idle = lifecycle.state in (
+                LifecycleState.IDLE,
+                LifecycleState.STOPPED,
+                LifecycleState.FAILED,
+            )
+            level = logging.WARNING if idle else logging.INFO
+            _log.log(level, "%s Answering 503.", exc)
+            raise ServiceUnavailable from exc
 
     dependency.__name__ = f"provide_{service.name}"
     dependency.__qualname__ = dependency.__name__

@@ -13,6 +13,7 @@ from collections.abc import Callable, Coroutine, Mapping
 from typing import TYPE_CHECKING, Any
 
 import anyio
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -20,20 +21,39 @@ from starlette.routing import Route
 from ._problem import (
     PROBLEM_CONTENT_TYPE,
     QUEUE_FULL_TYPE,
+    SERVICE_UNAVAILABLE_TYPE,
     SHUTTING_DOWN_TYPE,
     new_instance,
     problem_body,
 )
-from .exceptions import PoolClosed, QueueFull
+from .exceptions import PoolClosed, QueueFull, ServiceNotRunning
 
 if TYPE_CHECKING:
     from ._lifecycle import Lifecycle
 
-__all__ = ["drain_route", "exception_handlers"]
+__all__ = ["ServiceUnavailable", "drain_route", "exception_handlers"]
 
 _LOG = logging.getLogger("lifecycle.starlette")
 
 # -- background work ----------------------------------------------------------------------
+
+
+class ServiceUnavailable(HTTPException):
+    """A 503: a service the request needs is not running (the app starts or drains).
+
+    `lifecycle.fastapi.provide` raises it instead of `lifecycle.ServiceNotRunning`, so that
+    FastAPI answers 503 with ``Retry-After`` rather than 500, even without the handlers of
+    `exception_handlers` (which turn it into an ``application/problem+json`` body). The
+    detail says nothing of the service; the log does.
+    """
+
+    def __init__(self, *, retry_after: int = 1) -> None:
+        super().__init__(
+            503,
+            "A service this request needs is not running (the server is starting or "
+            "shutting down); retry later.",
+            headers={"Retry-After": str(retry_after), "Cache-Control": "no-store"},
+        )
 
 
 def exception_handlers(
@@ -41,7 +61,8 @@ def exception_handlers(
 ) -> dict[int | type[Exception], Callable[[Request, Any], Coroutine[Any, Any, Response]]]:
     """Exception handlers turning overload into ``503 Service Unavailable``.
 
-    `QueueFull` (a worker pool or queue is full) and `PoolClosed` (the app is draining)
+    `QueueFull` (a worker pool or queue is full), `PoolClosed` (the app is draining) and
+    `ServiceNotRunning` or `ServiceUnavailable` (a service the request needs is not running)
     become a 503 with ``Retry-After`` and an ``application/problem+json`` body. Pass them to
     ``Starlette(exception_handlers=...)`` or ``FastAPI(exception_handlers=...)``, or add them
     one by one with ``app.add_exception_handler``.
@@ -56,17 +77,23 @@ def exception_handlers(
         raise ValueError(f"retry_after must be whole seconds >= 0, not {retry_after!r}.")
 
     async def overloaded(request: Request, exc: Exception) -> Response:
-        full = isinstance(exc, QueueFull)
         instance = new_instance()
-        body = problem_body(
-            503,
-            QUEUE_FULL_TYPE if full else SHUTTING_DOWN_TYPE,
-            "Service overloaded" if full else "Service shutting down",
-            "The server is at capacity; retry later."
-            if full
-            else "The server is shutting down; retry on another instance.",
-            instance,
-        )
+        if isinstance(exc, QueueFull):
+            kind, title = QUEUE_FULL_TYPE, "Service overloaded"
+            detail = "The server is at capacity; retry later."
+        elif isinstance(exc, PoolClosed):
+            kind, title = SHUTTING_DOWN_TYPE, "Service shutting down"
+            detail = "The server is shutting down; retry on another instance."
+        else:
+            kind, title = SERVICE_UNAVAILABLE_TYPE, "Service unavailable"
+            detail = (
+                "A service this request needs is not running (the server is starting or "
+                "shutting down); retry later."
+            )
+            cause = exc.__cause__
+            if isinstance(cause, ServiceNotRunning):
+                exc = cause  # what the log names
+        body = problem_body(503, kind, title, detail, instance)
         _LOG.info("Answered 503 to %s %s (%s): %s", request.method, request.url.path, instance, exc)
         return Response(
             body,
@@ -75,7 +102,12 @@ def exception_handlers(
             headers={"Retry-After": str(retry_after), "Cache-Control": "no-store"},
         )
 
-    return {QueueFull: overloaded, PoolClosed: overloaded}
+    return {
+        QueueFull: overloaded,
+        PoolClosed: overloaded,
+        ServiceNotRunning: overloaded,
+        ServiceUnavailable: overloaded,
+    }
 
 
 # -- drain --------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import socket
@@ -23,7 +24,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from lifecycle import Lifecycle, ServiceNotRunning, StartupError
+from lifecycle import Lifecycle, StartupError
 from lifecycle.fastapi import provide
 from lifecycle.testing import lifespan_client
 
@@ -86,7 +87,9 @@ async def test_starlette_request_state() -> None:
     assert response.json() == {"url": "sqlite://memory", "settings": {"url": "sqlite://memory"}}
 
 
-async def test_provide_outside_the_lifespan_says_what_to_do() -> None:
+async def test_provide_outside_the_lifespan_answers_503_and_logs_what_to_do(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     app = FastAPI()  # the lifespan was forgotten
 
     @app.get("/url")
@@ -94,9 +97,34 @@ async def test_provide_outside_the_lifespan_says_what_to_do() -> None:
         return database.url
 
     transport = httpx.ASGITransport(app=app)
+    with caplog.at_level(logging.INFO, logger="lifecycle.fastapi"):
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            response = await client.get("/url")
+    assert response.status_code == 503
+    assert response.headers["retry-after"] == "1"
+    assert "shared_db" not in response.text  # nothing internal in the body
+    (record,) = caplog.records
+    assert record.levelno == logging.WARNING
+    assert "pass lifespan=lc.lifespan" in record.getMessage()
+
+
+async def test_provide_while_the_service_is_not_running_is_a_problem_503() -> None:
+    from lifecycle.starlette import exception_handlers
+
+    app = FastAPI(exception_handlers=exception_handlers())
+
+    @app.get("/url")
+    async def url(database: DB) -> str:
+        return database.url
+
+    transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-        with pytest.raises(ServiceNotRunning, match=r"pass lifespan=lc\.lifespan"):
-            await client.get("/url")
+        response = await client.get("/url")  # no lifespan run: the service never started
+    assert response.status_code == 503
+    assert response.headers["content-type"] == "application/problem+json"
+    problem = response.json()
+    assert problem["type"] == "urn:lifecycle:problem:service-unavailable"
+    assert problem["instance"].startswith("urn:uuid:")
 
 
 async def test_wrap_lifespan_runs_inside_the_services() -> None:
