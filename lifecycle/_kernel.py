@@ -451,9 +451,9 @@ class Kernel:
         cancelled = anyio.get_cancelled_exc_class()
         error: BaseException | None = None
         hosts = _HostGroup()
-        task_group = await hosts.open()
         try:
             try:
+                task_group = await hosts.open()
                 try:
                     await run.start(task_group)
                 except cancelled:
@@ -464,28 +464,37 @@ class Kernel:
                         raise
                 else:
                     self._set_state(LifecycleState.RUNNING)
-                    try:
-                        yield Services(run.values)
-                    except BaseException as exc:
-                        self._set_state(LifecycleState.STOPPING)
-                        errors = await run.stop()
-                        if errors:
-                            # The body's exception wins; the cleanup failures were logged
-                            # one by one and are summarised on it.
-                            exc.add_note(_shutdown_error(errors, run).args[0])
-                        if isinstance(exc, cancelled):
-                            raise
-                        error = exc
-                    else:
-                        self._set_state(LifecycleState.STOPPING)
-                        errors = await run.stop()
-                        if errors:
-                            error = _shutdown_error(errors, run)
+                    # A running service raising SystemExit, KeyboardInterrupt or another
+                    # BaseException cancels this scope (see `_Run.fatal`): the body ends at
+                    # once, everything stops, and that exception is raised.
+                    with anyio.CancelScope() as body:
+                        run.body = body
+                        if run.fatal is not None:
+                            body.cancel()
+                        try:
+                            yield Services(run.values)
+                        except BaseException as exc:
+                            self._set_state(LifecycleState.STOPPING)
+                            errors = await run.stop()
+                            if errors:
+                                # The body's exception wins; the cleanup failures were
+                                # logged one by one and are summarised on it.
+                                exc.add_note(_shutdown_error(errors, run).args[0])
+                            if isinstance(exc, cancelled):
+                                raise
+                            error = exc
+                        else:
+                            self._set_state(LifecycleState.STOPPING)
+                            errors = await run.stop()
+                            if errors:
+                                error = _shutdown_error(errors, run)
             finally:
                 # Every host has finished by now, but those that shutdown had to abandon.
                 hosts_error = await hosts.close(run.abandon_at)
                 if hosts_error is not None and error is None:
                     error = hosts_error
+                if run.fatal is not None:
+                    raise run.fatal  # wins over everything, a cancellation included
         finally:
             self._set_state(LifecycleState.STOPPED if run.started_ok else LifecycleState.FAILED)
         if error is not None:
@@ -1079,6 +1088,8 @@ class _Run:
         self.shutdown_deadline = math.inf
         self.started_ok = False
         self.stopping = False
+        self.fatal: BaseException | None = None  # see `_fatal`
+        self.body: anyio.CancelScope | None = None  # around the body of `Kernel.run`
         self.error: BaseException | None = None
         self.stop_order: list[str] = []
 
@@ -1306,6 +1317,8 @@ class _Run:
         except BaseException as exc:
             if observers and not record.started:
                 observers.call("service_start_failed", service, exc)
+            if record.started:
+                self._fatal(exc, record)
             raise
         finally:
             if record.host_done is not None:
@@ -1357,8 +1370,9 @@ class _Run:
         )
         return TimeoutError(
             f"Service {service.name!r} took {now - began:.2f}s to start, past {limit}; it did "
-            f"not yield to cancellation in time (it blocked the event loop or shielded "
-            f"itself), so it could not be cut off. What it started was cleaned up again."
+            f"not yield to cancellation in time (it blocked the event loop, shielded itself, "
+            f"swallowed the cancellation or waited for a thread), so it could not be cut "
+            f"off. What it started was cleaned up again."
         )
 
     def _rolled_back_while_reporting(
@@ -1658,6 +1672,11 @@ class _Run:
     def _begin_stop(self, record: _Record) -> float:
         """Mark the service stopping; return the deadline of its cleanup."""
         service = record.service
+        if record.abandoned:
+            # Shutdown went on without it and has ended: clean up quietly, within its own
+            # stop_timeout, changing nothing that the run reported.
+            timeout = service.stop_timeout
+            return anyio.current_time() + (timeout if timeout is not None else ABANDON_GRACE)
         record.state = ServiceState.STOPPING
         record.stop_began = self.now()
         self.stop_order.append(service.name)
@@ -1776,6 +1795,30 @@ class _Run:
             observers.call("run_stopped", self.kernel, errors)
         return errors
 
+    def _fatal(self, exc: BaseException, record: _Record) -> None:
+        """A running service raised what no host catches (SystemExit, KeyboardInterrupt...).
+
+        It must not wait for the end of the run: the body of ``lc.run()`` (or startup, if it
+        is still going on) is cancelled at once, and `Kernel.run` raises it after stopping.
+        """
+        error = _unwrap(exc)
+        if isinstance(error, anyio.get_cancelled_exc_class()) or self.fatal is not None:
+            return
+        self.fatal = error
+        record.crash = error
+        record.state = ServiceState.FAILED
+        logger.error(
+            "Service %r raised %s while running: stopping every service.",
+            record.service.name,
+            type(error).__name__,
+            extra={"service": record.service.name, "phase": "run"},
+        )
+        self.aborting = True
+        if not self.starters_done.is_set():
+            self.abort.cancel()
+        if self.body is not None:
+            self.body.cancel()
+
     @property
     def abandon_at(self) -> float:
         """When shutdown stops waiting for hosts that have not finished (loop clock)."""
@@ -1789,19 +1832,26 @@ class _Run:
             record.abandoned = True
             record.state = ServiceState.FAILED
             record.stop_ended = self.now()
+            limit = f"{ABANDON_GRACE}s past the shutdown_timeout of {self.kernel.shutdown_timeout}s"
             if record.stop_began is None:
-                what = (
-                    "never began its cleanup: it waited for services depending on it that "
-                    "did not finish theirs"
+                waited_for = [
+                    name
+                    for name in self.plan.dependents[record.service.name]
+                    if self.records[name].hosting
+                ]
+                record.stop_error = TimeoutError(
+                    f"Service {record.service.name!r} never began its cleanup: shutdown went on "
+                    f"without it {limit}, while it still waited for "
+                    f"{', '.join(map(repr, waited_for)) or 'its dependents'} to finish theirs. "
+                    f"It is left to the process's exit."
                 )
             else:
-                what = "was still running its cleanup"
-            record.stop_error = TimeoutError(
-                f"Service {record.service.name!r} {what} {ABANDON_GRACE}s past the "
-                f"shutdown_timeout of {self.kernel.shutdown_timeout}s, so shutdown went on "
-                f"without it: it shields itself from cancellation, blocks, or waits for a "
-                f"thread, which nothing can cut off. It is left to the process's exit."
-            )
+                record.stop_error = TimeoutError(
+                    f"Service {record.service.name!r} was still running its cleanup {limit}, "
+                    f"so shutdown went on without it: the cleanup shields itself from "
+                    f"cancellation, blocks, or waits for a thread, which nothing can cut off. "
+                    f"It is left to the process's exit."
+                )
             logger.error(
                 "Service %r abandoned: %s",
                 record.service.name,

@@ -146,8 +146,13 @@ def _check_job_first(
     services: Mapping[str, Service[Any]],
 ) -> None:
     """Refuse a handler whose job parameter is not first (it would receive a job as a service)."""
-    misplaced = [param for param in targets if param in _JOB_NAMES]
-    if misplaced and misplaced[0] not in services:
+    # A job-like name that depends= maps to a service, or that names one, is a service.
+    misplaced = [
+        param
+        for param, target in targets.items()
+        if param in _JOB_NAMES and target == param and param not in services
+    ]
+    if misplaced:
         first = misplaced[0]
         why = f"{first!r} looks like the job, but the job is the first parameter ({job!r})"
     elif job in services:

@@ -1588,3 +1588,106 @@ def test_calling_lifespan_instead_of_passing_it_says_how_to_pass_it() -> None:
         TypeError, match=r"FastAPI\(lifespan=lc\.lifespan\), not lifespan=lc\.lifespan\(\)"
     ):
         Lifecycle().lifespan()
+
+
+# -- found by review: a fatal exception from a running service, a run cancelled at once -----
+
+
+class Fatal(BaseException):
+    """A user's own BaseException, like SystemExit or KeyboardInterrupt."""
+
+
+@pytest.mark.parametrize("fatal", [SystemExit(3), Fatal("fatal")])
+async def test_a_fatal_exception_from_a_running_service_ends_the_run_at_once(
+    fatal: BaseException, anyio_backend: tuple[str, dict[str, object]]
+) -> None:
+    if isinstance(fatal, SystemExit) and anyio_backend[0] == "asyncio":
+        pytest.skip("asyncio itself raises SystemExit out of its event loop, from any task")
+    lc = Lifecycle()
+    raised = anyio.Event()
+
+    @lc.service
+    async def listener(*, task_status: TaskStatus[str]) -> None:
+        task_status.started("listening")
+        await anyio.lowlevel.checkpoint()
+        raised.set()
+        raise fatal
+
+    async def run_until_cut() -> None:
+        async with lc.run():
+            await raised.wait()
+            await anyio.sleep_forever()  # the body is cut at once, not at its end
+
+    with anyio.fail_after(5), pytest.raises(type(fatal)) as info:
+        await run_until_cut()
+    assert info.value is fatal
+    assert lc.state is LifecycleState.STOPPED
+    assert lc.service_state("listener") is ServiceState.FAILED
+
+
+async def test_a_fatal_exception_wins_over_an_outside_cancellation() -> None:
+    lc = Lifecycle()
+
+    @lc.service
+    async def listener(*, task_status: TaskStatus[str]) -> None:
+        task_status.started("listening")
+        await anyio.lowlevel.checkpoint()
+        raise Fatal("fatal")
+
+    async def run_cancelled_from_outside() -> None:
+        with anyio.move_on_after(0.5):
+            async with lc.run():
+                await anyio.sleep_forever()
+
+    with anyio.fail_after(5), pytest.raises(Fatal):
+        await run_cancelled_from_outside()
+
+
+async def test_a_run_cancelled_at_its_first_checkpoint_can_run_again() -> None:
+    lc = Lifecycle()
+    simple(lc, Log(), "db")
+    with anyio.move_on_after(0):
+        async with lc.run():
+            pytest.fail("the run should be cancelled before it starts")  # pragma: no cover
+    assert lc.state is LifecycleState.FAILED
+    async with lc.run() as services:
+        assert services["db"] == "db-value"
+
+
+async def test_a_host_ending_after_it_was_abandoned_changes_nothing_reported() -> None:
+    lc = Lifecycle(shutdown_timeout=0.1)
+    release = anyio.Event()
+    stops: list[str] = []
+
+    class Stops:
+        def service_stopping(self, service: Any) -> None:
+            stops.append(service.name)
+
+    lc.observers.add(Stops())
+    simple(lc, Log(), "db")
+
+    @lc.service
+    async def app(db: str) -> AsyncIterator[str]:
+        yield "app"
+        with anyio.CancelScope(shield=True):
+            await release.wait()
+
+    with anyio.fail_after(10), pytest.raises(ShutdownError):
+        async with lc.run():
+            pass
+    reported = (lc.service_state("db"), lc.service_state("app"), list(stops))
+    release.set()
+    await anyio.sleep(0.05)  # the abandoned hosts end now
+    assert (lc.service_state("db"), lc.service_state("app"), stops) == reported
+    assert reported[:2] == (ServiceState.FAILED, ServiceState.FAILED)
+
+
+def test_a_job_like_parameter_that_depends_maps_to_a_service_is_not_taken_for_the_job() -> None:
+    lc = Lifecycle()
+    simple(lc, Log(), "blob_store")
+
+    async def handle(order: int, message: str) -> None:
+        pass
+
+    lc.worker(handle, depends={"message": "blob_store"})
+    lc.validate()  # no GraphError: 'order' is the job, 'message' a service
