@@ -1,7 +1,8 @@
-"""Reaching the real PostgreSQL and Redis that integration tests talk to.
+"""Helpers shared by the tests that talk to real servers.
 
-On a developer's laptop without them, such tests skip with the reason; under ``CI=true``
-they fail instead, because CI runs them for real.
+Reaching the real PostgreSQL and Redis that integration tests talk to: on a developer's
+laptop without them, such tests skip with the reason; under ``CI=true`` they fail instead,
+because CI runs them for real. And free loopback ports for the servers tests start.
 """
 
 from __future__ import annotations
@@ -35,3 +36,10 @@ def require_postgres() -> str:
 def require_redis() -> str:
     require_server("Redis", "127.0.0.1", 6379)
     return REDIS_URL
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])

@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,7 +24,7 @@ import anyio
 import httpx
 import pytest
 
-from .servers import require_postgres, require_redis
+from .servers import free_port, require_postgres, require_redis
 
 pytestmark = [
     pytest.mark.slow,
@@ -39,12 +38,6 @@ GRACE = 5.0  # uvicorn --timeout-graceful-shutdown
 SLOW = 2.0  # seconds each in-flight request takes
 JOBS = 8
 JOB_SECONDS = 0.4
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class Server:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -27,6 +26,8 @@ from starlette.routing import Route
 from lifecycle import Lifecycle, StartupError
 from lifecycle.fastapi import provide
 from lifecycle.testing import lifespan_client
+
+from .servers import free_port
 
 pytestmark = pytest.mark.anyio
 
@@ -198,12 +199,6 @@ app = FastAPI(lifespan=lc.lifespan)
 async def index() -> dict[str, str]:
     return {"db": lc.get("db")}
 """
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture

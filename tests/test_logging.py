@@ -11,15 +11,11 @@ from pathlib import Path
 
 import pytest
 
+from .servers import free_port
+
 ROOT = Path(__file__).parent.parent
 
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def test_the_startup_and_shutdown_lines_appear_under_plain_uvicorn() -> None:
