@@ -58,6 +58,7 @@ import anyio.lowlevel
 import anyio.to_thread
 
 from ._problem import DEADLINE_EXPIRED_TYPE, MALFORMED_BUDGET_TYPE, send_problem
+from ._validate import seconds
 from .exceptions import DeadlineExceeded
 
 __all__ = [
@@ -138,7 +139,9 @@ class _DeadlineObserver(Protocol):
 
 # Process-wide, like the middleware itself (which knows no Lifecycle): added to by
 # `instrument_metrics` and `instrument_tracing`; empty, it costs one test per request.
-_observers: list[_DeadlineObserver] = []
+observers: list[_DeadlineObserver] = []
+"""What watches every request's deadline (metrics and tracing append to it); each is called
+as a request with a deadline ends. Empty by default: nothing per request then."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -794,9 +797,12 @@ class _PassThrough(_DeadlineView):
         self.reserve = reserve
 
 
-_current: contextvars.ContextVar[_DeadlineView | None] = contextvars.ContextVar(
+current_request: contextvars.ContextVar[_DeadlineView | None] = contextvars.ContextVar(
     "lifecycle_deadline", default=None
 )
+"""The deadline of the request the current task (or worker thread) serves, or ``None``: read
+by `remaining`, by `lifecycle.httpx.DeadlineTransport` and by worker pools (for
+``inherit_deadline``)."""
 
 # Set once a route timeout exists that must find its request's scope already open (the
 # FastAPI dependency, or keep_for_background): from then on no request passes straight through.
@@ -832,7 +838,7 @@ def remaining() -> float | None:
         if deadline == math.inf:
             return None
         return max(0.0, deadline - anyio.current_time())
-    view = _current.get()
+    view = current_request.get()
     return None if view is None else view.thread_remaining()
 
 
@@ -850,7 +856,7 @@ def current_deadline() -> float | None:
     if _in_event_loop():
         deadline = anyio.current_effective_deadline()
         return None if deadline == math.inf else deadline
-    view = _current.get()
+    view = current_request.get()
     return None if view is None else view.deadline
 
 
@@ -888,12 +894,12 @@ def deadline_scope(deadline: float | None) -> Iterator[anyio.CancelScope]:
     if deadline is not None and math.isnan(deadline):
         raise ValueError("deadline_scope() got a NaN deadline; pass a number or None.")
     now = anyio.current_time()
-    token = _current.set(_DeadlineView(deadline, time.monotonic() - now))
+    token = current_request.set(_DeadlineView(deadline, time.monotonic() - now))
     try:
         with anyio.CancelScope(deadline=math.inf if deadline is None else deadline) as scope:
             yield scope
     finally:
-        _current.reset(token)
+        current_request.reset(token)
     if scope.cancelled_caught and deadline is not None and anyio.current_time() >= deadline:
         raise DeadlineExceeded(
             f"The deadline passed {anyio.current_time() - deadline:.3f} s ago; the work in "
@@ -901,7 +907,7 @@ def deadline_scope(deadline: float | None) -> Iterator[anyio.CancelScope]:
         )
 
 
-def _expire_request(deadline: float, reason: str) -> None:
+def expire_request(deadline: float, reason: str) -> None:
     """End the current request as expired, when ``deadline`` is the request's own deadline.
 
     Called when an outbound call finds the budget spent or hears that it expired upstream.
@@ -912,7 +918,7 @@ def _expire_request(deadline: float, reason: str) -> None:
     A shorter deadline opened inside the request (`anyio.fail_after`) is left to its owner.
     ``reason`` goes to the logs, never to the caller.
     """
-    state = _current.get()
+    state = current_request.get()
     if (
         isinstance(state, _RequestState)
         and deadline == state.deadline  # the request's own deadline is the binding one
@@ -922,13 +928,13 @@ def _expire_request(deadline: float, reason: str) -> None:
         state.scope.cancel()
 
 
-def _apply_route_timeout(timeout: float | None, keep_for_background: bool) -> _PassThrough | None:
+def apply_route_timeout(timeout: float | None, keep_for_background: bool) -> _PassThrough | None:
     """Give the current request a route's own timeout (``None``: no deadline).
 
     Returns the `_PassThrough` of a request the middleware passed through: then the caller
     opens the route's scope itself (`_run_route_lazily`).
     """
-    state = _current.get()
+    state = current_request.get()
     if isinstance(state, _PassThrough):
         return state
     if not isinstance(state, _RequestState):
@@ -967,7 +973,7 @@ async def _run_route_lazily(
     deadline = now + seconds - passed.reserve
     cancel_scope = _open_scope(loop, deadline)
     state = _RequestState(cancel_scope, deadline, now, None, passed.reserve, None)
-    token = _current.set(state)
+    token = current_request.set(state)
     raised: BaseException | None = None
     try:
         with cancel_scope:
@@ -985,7 +991,7 @@ async def _run_route_lazily(
             raise
         raised = _first_leaf(matched)
     finally:
-        _current.reset(token)
+        current_request.reset(token)
         state.deadline = None
         if cancel_scope.cancelled_caught or raised is not None:
             reason = state.upstream_expiry or (
@@ -993,16 +999,6 @@ async def _run_route_lazily(
             )
             raise _RouteExpired(reason) from raised
     raise AssertionError("unreachable")  # pragma: no cover - the scope caught a cancellation
-
-
-def _check_seconds(name: str, value: object, *, allow_none: bool = True) -> float | None:
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"{name} must be a number of seconds, got {value!r}.")
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a positive, finite number of seconds, got {value!r}.")
-    return float(value)
 
 
 class _RouteTimeout:
@@ -1027,7 +1023,7 @@ class _RouteTimeout:
 
             @functools.wraps(endpoint)
             async def run_async(*args: _P.args, **kwargs: _P.kwargs) -> Any:
-                passed = _apply_route_timeout(timeout, keep)
+                passed = apply_route_timeout(timeout, keep)
                 if passed is None or timeout is None:
                     return await endpoint(*args, **kwargs)
                 return await _run_route_lazily(
@@ -1046,7 +1042,7 @@ class _RouteTimeout:
             call = functools.partial(
                 anyio.to_thread.run_sync, functools.partial(endpoint, *args, **kwargs)
             )
-            passed = _apply_route_timeout(timeout, keep)
+            passed = apply_route_timeout(timeout, keep)
             if passed is None or timeout is None:
                 return await call()
             return await _run_route_lazily(passed, timeout, call)
@@ -1084,7 +1080,7 @@ def request_timeout(timeout: float | None, *, keep_for_background: bool = False)
         TypeError: ``timeout`` is not a number or ``None``.
         ValueError: ``timeout`` is not positive and finite.
     """
-    return _RouteTimeout(_check_seconds("timeout", timeout), keep_for_background)
+    return _RouteTimeout(seconds("timeout", timeout, optional=True), keep_for_background)
 
 
 # -- the middleware -----------------------------------------------------------------------
@@ -1203,9 +1199,9 @@ class DeadlineMiddleware:
         exempt_paths: Iterable[str] = DEFAULT_EXEMPT_PATHS,
     ) -> None:
         self.app = app
-        self._default_timeout = _check_seconds("default_timeout", default_timeout)
-        self._max_timeout = _check_seconds("max_timeout", max_timeout)
-        self._min_budget = _check_seconds("min_budget", min_budget)
+        self._default_timeout = seconds("default_timeout", default_timeout, optional=True)
+        self._max_timeout = seconds("max_timeout", max_timeout, optional=True)
+        self._min_budget = seconds("min_budget", min_budget, optional=True)
         if isinstance(reserve, bool) or not isinstance(reserve, int | float):
             raise TypeError(f"reserve must be a number of seconds, got {reserve!r}.")
         if not math.isfinite(reserve) or reserve < 0:
@@ -1314,7 +1310,7 @@ class DeadlineMiddleware:
             budget = self._default_timeout
             if budget is None and not _route_timeouts_need_scope:
                 # No deadline applies: no scope, no timer, nothing allocated for the request.
-                token = _current.set(self._pass_through)
+                token = current_request.set(self._pass_through)
                 self._in_flight += 1
                 try:
                     await self.app(scope, receive, send)
@@ -1325,7 +1321,7 @@ class DeadlineMiddleware:
                     await self._send_expired(scope, send, exc.reason)
                 finally:
                     self._in_flight -= 1
-                    _current.reset(token)
+                    current_request.reset(token)
                 return
         else:
             self._received += 1
@@ -1351,13 +1347,13 @@ class DeadlineMiddleware:
             cancel_scope = _open_scope(loop, math.inf)
         state = _RequestState(cancel_scope, deadline, now, client_budget, self._reserve, send)
 
-        observers = _observers if deadline is not None else None
-        if observers:
-            for observer in observers:
+        watching = observers if deadline is not None else None
+        if watching:
+            for observer in watching:
                 observer.request_started(budget, client_budget)  # type: ignore[arg-type]
 
         raised: BaseException | None = None
-        token = _current.set(state)
+        token = current_request.set(state)
         self._in_flight += 1
         try:
             with cancel_scope:
@@ -1375,7 +1371,7 @@ class DeadlineMiddleware:
             raised = _first_leaf(matched)
         finally:
             self._in_flight -= 1
-            _current.reset(token)
+            current_request.reset(token)
 
         try:
             if raised is not None or cancel_scope.cancelled_caught:
@@ -1384,10 +1380,10 @@ class DeadlineMiddleware:
             # The deadline in force at the end: the route's own, if it set one; none at all
             # (nothing to report) if the route lifted it.
             given = state.given_deadline
-            if observers and given is not None:
+            if watching and given is not None:
                 ended = loop.time() if loop is not None else _trio_time()
                 expired = cancel_scope.cancelled_caught or raised is not None
-                for observer in observers:
+                for observer in watching:
                     observer.request_finished(given - ended, "expired" if expired else "completed")
             # Work that outlives the request with a copy of its context (threads, tasks) no
             # longer sees its deadline.

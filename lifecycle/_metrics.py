@@ -116,7 +116,7 @@ def instrument_metrics(
             f"instrumented with it. Give each Lifecycle its own CollectorRegistry."
         ) from exc
     # Only once registered, so that a refused registration leaves nothing behind.
-    _deadline._observers.append(metrics._budget_left)
+    _deadline.observers.append(metrics._budget_left)
     attach(lifecycle, metrics._observer)
     return metrics
 
@@ -216,8 +216,8 @@ class LifecycleMetrics:
             return
         self._closed = True
         detach(self.lifecycle, self._observer)
-        if self._budget_left in _deadline._observers:
-            _deadline._observers.remove(self._budget_left)
+        if self._budget_left in _deadline.observers:
+            _deadline.observers.remove(self._budget_left)
         self.registry.unregister(self)
 
     # -- the prometheus-client collector protocol -------------------------------------------

@@ -152,7 +152,7 @@ class LifecycleTracing:
         self._observer = _TracingObserver(tracer)
         # Deadline attributes on the span of each request under a DeadlineMiddleware.
         self._deadlines = _DeadlineAttributes()
-        _deadline._observers.append(self._deadlines)
+        _deadline.observers.append(self._deadlines)
 
     def __repr__(self) -> str:
         return f"<LifecycleTracing of {self.lifecycle!r}>"
@@ -160,8 +160,8 @@ class LifecycleTracing:
     def close(self) -> None:
         """Stop tracing the Lifecycle (from its next run, or next job, on)."""
         detach(self.lifecycle, self._observer)
-        if self._deadlines in _deadline._observers:
-            _deadline._observers.remove(self._deadlines)
+        if self._deadlines in _deadline.observers:
+            _deadline.observers.remove(self._deadlines)
 
 
 class _DeadlineAttributes:

@@ -32,7 +32,7 @@ import anyio.to_process
 import anyio.to_thread
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from ._deadline import _current as _request_deadline
+from ._deadline import current_request as _request_deadline
 from ._health import CheckResult, HealthMonitor, HealthStatus
 from ._kernel import Kernel, Service, parameters
 from ._observe import JobObserver, TaskObserver, job_observer, task_observer

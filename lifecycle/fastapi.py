@@ -12,6 +12,7 @@ from typing import TypeVar
 
 from ._kernel import Service
 from ._timeline import LifecycleState
+from ._validate import seconds
 from .exceptions import ServiceNotRunning
 from .starlette import ServiceUnavailable
 
@@ -181,12 +182,12 @@ def request_timeout(timeout: float | None, *, keep_for_background: bool = False)
         TypeError: ``timeout`` is not a number or ``None``.
         ValueError: ``timeout`` is not positive and finite.
     """
-    checked = _deadline._check_seconds("timeout", timeout)
+    checked = seconds("timeout", timeout, optional=True)
     # Applied from a dependency, it cannot open a scope of its own: the middleware must.
     _deadline.route_timeouts_need_scope()
 
     async def apply_request_timeout() -> None:
-        _deadline._apply_route_timeout(checked, keep_for_background)
+        _deadline.apply_route_timeout(checked, keep_for_background)
 
     return params.Depends(apply_request_timeout)
 

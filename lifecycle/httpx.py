@@ -275,7 +275,7 @@ class DeadlineTransport(httpx.AsyncBaseTransport):
     ) -> NoReturn:
         # When the request's own deadline is the one spent, the whole request ends as expired
         # (a 504 with the marker), even if this exception is caught on its way up.
-        _deadline._expire_request(effective, reason)
+        _deadline.expire_request(effective, reason)
         raise DeadlineExceeded(reason[0].upper() + reason[1:] + ".", request=request) from cause
 
     async def aclose(self) -> None:

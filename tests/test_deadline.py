@@ -962,7 +962,7 @@ async def test_observers_see_the_deadline_in_force_when_the_request_ends(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     observer = RecordingObserver()
-    monkeypatch.setattr(_deadline, "_observers", [observer])
+    monkeypatch.setattr(_deadline, "observers", [observer])
 
     async def plain(request: Request) -> PlainTextResponse:
         return PlainTextResponse("ok")

@@ -478,15 +478,15 @@ async def test_instrument_refuses_what_it_cannot_do() -> None:
 async def test_a_refused_registration_leaves_nothing_behind() -> None:
     registry = CollectorRegistry()
     metrics = instrument_metrics(Lifecycle(), registry=registry)
-    observers = list(_deadline._observers)
+    observers = list(_deadline.observers)
     refused = Lifecycle()
     for _ in range(3):
         with pytest.raises(ValueError, match="its own CollectorRegistry"):
             instrument_metrics(refused, registry=registry)
-    assert _deadline._observers == observers  # no budget observer of a refused collector
+    assert _deadline.observers == observers  # no budget observer of a refused collector
     assert not any(isinstance(o, type(metrics._observer)) for o in refused.observers)
     metrics.close()
-    assert len(_deadline._observers) == len(observers) - 1
+    assert len(_deadline.observers) == len(observers) - 1
 
 
 async def test_closing_twice_does_nothing_the_second_time() -> None:
