@@ -9,7 +9,6 @@ saturated service still answers its orchestrator.
 from __future__ import annotations
 
 import logging
-import math
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from ._deadline import (
     validate_exempt_paths,
 )
 from ._problem import OVERLOADED_TYPE, send_problem
+from ._validate import seconds
 
 __all__ = ["OVERLOADED_TYPE", "AdmissionStatistics", "ConcurrencyLimitMiddleware"]
 
@@ -110,11 +110,7 @@ class ConcurrencyLimitMiddleware:
             if max_waiting is None
             else _check_int("max_waiting", max_waiting, minimum=0)
         )
-        if isinstance(max_wait, bool) or not isinstance(max_wait, int | float):
-            raise TypeError(f"max_wait must be a number of seconds, got {max_wait!r}.")
-        if not math.isfinite(max_wait) or max_wait < 0:
-            raise ValueError(f"max_wait must be a finite number of seconds >= 0, got {max_wait!r}.")
-        self._max_wait = float(max_wait)
+        self._max_wait = seconds("max_wait", max_wait, zero=True)
         self._retry_after = _check_int("retry_after", retry_after, minimum=0)
         self._retry_after_header = str(self._retry_after).encode("ascii")
         self._exempt_paths = validate_exempt_paths(exempt_paths)

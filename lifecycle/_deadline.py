@@ -1202,11 +1202,7 @@ class DeadlineMiddleware:
         self._default_timeout = seconds("default_timeout", default_timeout, optional=True)
         self._max_timeout = seconds("max_timeout", max_timeout, optional=True)
         self._min_budget = seconds("min_budget", min_budget, optional=True)
-        if isinstance(reserve, bool) or not isinstance(reserve, int | float):
-            raise TypeError(f"reserve must be a number of seconds, got {reserve!r}.")
-        if not math.isfinite(reserve) or reserve < 0:
-            raise ValueError(f"reserve must be a finite number of seconds >= 0, got {reserve!r}.")
-        self._reserve = float(reserve)
+        self._reserve = seconds("reserve", reserve, zero=True)
         if (
             self._default_timeout is not None
             and self._max_timeout is not None

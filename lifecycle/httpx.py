@@ -33,6 +33,7 @@ import httpx
 
 from . import _deadline
 from ._deadline import DEADLINE_EXPIRED_HEADER
+from ._validate import seconds
 
 __all__ = ["DeadlineExceeded", "DeadlineTransport"]
 
@@ -158,10 +159,7 @@ class DeadlineTransport(httpx.AsyncBaseTransport):
             )
         if not isinstance(header, str) or not _HEADER_NAME.fullmatch(header.lower()):
             raise ValueError(f"header {header!r} is not a valid HTTP header name.")
-        if isinstance(reserve, bool) or not isinstance(reserve, int | float):
-            raise TypeError(f"reserve must be a number of seconds, got {reserve!r}.")
-        if not math.isfinite(reserve) or reserve < 0:
-            raise ValueError(f"reserve must be a finite number of seconds >= 0, got {reserve!r}.")
+        seconds("reserve", reserve, zero=True)
         self._transport = transport if transport is not None else httpx.AsyncHTTPTransport()
         self._header = header.lower()
         self._reserve = float(reserve)
