@@ -25,7 +25,7 @@ from ._deadline import (
     validate_exempt_paths,
 )
 from ._problem import OVERLOADED_TYPE, send_problem
-from ._validate import seconds
+from ._validate import count, seconds
 
 __all__ = ["OVERLOADED_TYPE", "AdmissionStatistics", "ConcurrencyLimitMiddleware"]
 
@@ -51,14 +51,6 @@ class AdmissionStatistics:
     admitted: int
     waited: int
     rejected: int
-
-
-def _check_int(name: str, value: object, *, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an integer, got {value!r}.")
-    if value < minimum:
-        raise ValueError(f"{name} must be at least {minimum}, got {value!r}.")
-    return value
 
 
 class ConcurrencyLimitMiddleware:
@@ -104,14 +96,14 @@ class ConcurrencyLimitMiddleware:
         exempt_paths: Iterable[str] = DEFAULT_EXEMPT_PATHS,
     ) -> None:
         self.app = app
-        self._max_concurrency = _check_int("max_concurrency", max_concurrency, minimum=1)
+        self._max_concurrency = count("max_concurrency", max_concurrency, minimum=1)
         self._max_waiting = (
             self._max_concurrency
             if max_waiting is None
-            else _check_int("max_waiting", max_waiting, minimum=0)
+            else count("max_waiting", max_waiting, minimum=0)
         )
         self._max_wait = seconds("max_wait", max_wait, zero=True)
-        self._retry_after = _check_int("retry_after", retry_after, minimum=0)
+        self._retry_after = count("retry_after", retry_after, minimum=0)
         self._retry_after_header = str(self._retry_after).encode("ascii")
         self._exempt_paths = validate_exempt_paths(exempt_paths)
         # Not an anyio.Semaphore: that binds to the first event loop that waits on it, and one

@@ -244,13 +244,29 @@ def test_one_middleware_serves_one_backend_after_another(backends: tuple[str, st
 @pytest.mark.parametrize(
     ("options", "error", "message"),
     [
-        ({"max_concurrency": 0}, ValueError, "max_concurrency must be at least 1"),
-        ({"max_concurrency": 2.5}, TypeError, "max_concurrency must be an integer"),
-        ({"max_concurrency": True}, TypeError, "max_concurrency must be an integer"),
-        ({"max_concurrency": 1, "max_waiting": -1}, ValueError, "max_waiting must be at least 0"),
+        ({"max_concurrency": 0}, ValueError, "max_concurrency must be a whole number >= 1, not 0"),
+        (
+            {"max_concurrency": 2.5},
+            TypeError,
+            "max_concurrency must be a whole number >= 1, not 2.5",
+        ),
+        (
+            {"max_concurrency": True},
+            TypeError,
+            "max_concurrency must be a whole number >= 1, not True",
+        ),
+        (
+            {"max_concurrency": 1, "max_waiting": -1},
+            ValueError,
+            "max_waiting must be a whole number >= 0, not -1",
+        ),
         ({"max_concurrency": 1, "max_wait": -1}, ValueError, "max_wait must be a finite"),
         ({"max_concurrency": 1, "max_wait": "1"}, TypeError, "max_wait must be a number"),
-        ({"max_concurrency": 1, "retry_after": 1.5}, TypeError, "retry_after must be an integer"),
+        (
+            {"max_concurrency": 1, "retry_after": 1.5},
+            TypeError,
+            "retry_after must be a whole number >= 0, not 1.5",
+        ),
         ({"max_concurrency": 1, "exempt_paths": "/x"}, TypeError, "use exempt_paths=['/x']"),
     ],
 )
