@@ -1,0 +1,57 @@
+# Sourced by scripts/check: build the sdist and wheel once, check them, then install the
+# wheel into clean venvs (.venvs/<set>, rebuilt when pyproject.toml changes) and run the
+# focused suite of tests/install/ in each, from that directory, so that the tests import the
+# installed wheel and not the source tree. Each venv holds its install set plus pytest and
+# pytest-timeout, nothing else. Prints a table at the end.
+UV=.venv/bin/uv
+RESULTS=()
+
+build_dists() {
+    echo "== build sdist and wheel (the wheel is built from the sdist)"
+    rm -rf dist
+    "$UV" build --quiet --out-dir dist .
+    .venv/bin/twine check --strict dist/*
+    .venv/bin/python - <<'PY'
+import sys, zipfile
+from pathlib import Path
+[wheel] = Path("dist").glob("*.whl")
+names = zipfile.ZipFile(wheel).namelist()
+if "lifecycle/py.typed" not in names:
+    sys.exit(f"error: {wheel.name} lacks lifecycle/py.typed")
+print(f"{wheel.name}: {len(names)} files, lifecycle/py.typed included")
+PY
+}
+
+# install_set NAME SPEC SUITE: the wheel with SPEC (e.g. "" or "[trio]") in .venvs/NAME.
+install_set() {
+    local name="$1" spec="$2" suite="$3" venv=".venvs/$1" start status
+    start=$SECONDS
+    local wheel stamp
+    wheel="$(ls dist/*.whl)"
+    stamp="$(sha256sum pyproject.toml | cut -d' ' -f1)"
+    if [[ ! -x "$venv/bin/python" || "$(cat "$venv/.stamp" 2>/dev/null)" != "$stamp" ]]; then
+        rm -rf "$venv"
+        "$UV" venv --quiet --python "$(.venv/bin/python -c 'import sys; print(sys.executable)')" "$venv"
+        "$UV" pip install --quiet --python "$venv/bin/python" "$wheel$spec" \
+            "pytest>=8.2" "pytest-timeout>=2.3"
+        echo "$stamp" >"$venv/.stamp"
+    fi
+    # The source changes between runs: always reinstall this run's wheel, its deps stay.
+    "$UV" pip install --quiet --python "$venv/bin/python" --reinstall-package anyio-lifecycle \
+        "$wheel$spec"
+    echo "== install set $name: anyio-lifecycle$spec, pytest tests/install/$suite"
+    status=pass
+    (cd tests/install && "../../$venv/bin/python" -m pytest -q "$suite") || status=FAIL
+    RESULTS+=("$name|wheel$spec: tests/install/$suite|$status|$((SECONDS - start))")
+}
+
+print_table() {
+    printf '\n%-10s %-45s %-6s %s\n' "set" "what ran" "result" "seconds"
+    local row failed=0
+    for row in "${RESULTS[@]}"; do
+        IFS='|' read -r name what status secs <<<"$row"
+        printf '%-10s %-45s %-6s %s\n' "$name" "$what" "$status" "$secs"
+        [[ "$status" == pass ]] || failed=1
+    done
+    return "$failed"
+}
