@@ -22,9 +22,17 @@ print(f"{wheel.name}: {len(names)} files, lifecycle/py.typed included")
 PY
 }
 
-# install_set NAME SPEC SUITE: the wheel with SPEC (e.g. "" or "[trio]") in .venvs/NAME.
+# install_set NAME SPEC SUITE [lowest]: the wheel with SPEC (e.g. "" or "[trio]") in
+# .venvs/NAME; with "lowest", the core dependencies at the lowest versions their bounds allow.
 install_set() {
     local name="$1" spec="$2" suite="$3" venv=".venvs/$1" start status
+    local -a resolution=()
+    if [[ "${4:-}" == lowest ]]; then
+        # lowest-direct lowers direct requirements only: name the core dependencies directly.
+        mapfile -t resolution < <(.venv/bin/python -c 'import tomllib
+print("--resolution=lowest-direct")
+print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]))')
+    fi
     start=$SECONDS
     local wheel stamp
     wheel="$(ls dist/*.whl)"
@@ -32,17 +40,17 @@ install_set() {
     if [[ ! -x "$venv/bin/python" || "$(cat "$venv/.stamp" 2>/dev/null)" != "$stamp" ]]; then
         rm -rf "$venv"
         "$UV" venv --quiet --python "$(.venv/bin/python -c 'import sys; print(sys.executable)')" "$venv"
-        "$UV" pip install --quiet --python "$venv/bin/python" "$wheel$spec" \
+        "$UV" pip install --quiet --python "$venv/bin/python" "${resolution[@]}" "$wheel$spec" \
             "pytest>=8.2" "pytest-timeout>=2.3"
         echo "$stamp" >"$venv/.stamp"
     fi
     # The source changes between runs: always reinstall this run's wheel, its deps stay.
     "$UV" pip install --quiet --python "$venv/bin/python" --reinstall-package anyio-lifecycle \
-        "$wheel$spec"
+        --no-deps "$wheel"
     echo "== install set $name: anyio-lifecycle$spec, pytest tests/install/$suite"
     status=pass
-    (cd tests/install && "../../$venv/bin/python" -m pytest -q "$suite") || status=FAIL
-    RESULTS+=("$name|wheel$spec: tests/install/$suite|$status|$((SECONDS - start))")
+    (cd tests/install && INSTALL_SET="$name" "../../$venv/bin/python" -m pytest -q "$suite") || status=FAIL
+    RESULTS+=("$name|wheel$spec${4:+ ($4)}: tests/install/$suite|$status|$((SECONDS - start))")
 }
 
 print_table() {

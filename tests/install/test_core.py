@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import importlib.util
+import os
 import sysconfig
 from pathlib import Path
 
@@ -31,6 +32,21 @@ def test_lifecycle_is_the_installed_wheel_not_the_source_tree() -> None:
 def test_only_the_core_dependencies_are_installed() -> None:
     for module in ("fastapi", "httpx", "trio", "prometheus_client", "opentelemetry", "sniffio"):
         assert importlib.util.find_spec(module) is None, f"{module} is installed beside the core"
+
+
+def test_the_lowest_set_runs_the_lower_bounds() -> None:
+    from packaging.requirements import Requirement
+
+    if os.environ.get("INSTALL_SET") != "lowest":
+        pytest.skip("only in the lowest-direct install set")
+    for line in importlib.metadata.requires("anyio-lifecycle") or []:
+        requirement = Requirement(line)
+        if requirement.marker is None:  # a core dependency
+            [bound] = [s.version for s in requirement.specifier if s.operator == ">="]
+            installed = importlib.metadata.version(requirement.name)
+            assert installed.split(".")[: len(bound.split("."))] == bound.split("."), (
+                f"{requirement.name} {installed} installed, lower bound {bound}"
+            )
 
 
 @pytest.mark.parametrize("name", CORE_MODULES)
