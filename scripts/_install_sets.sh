@@ -63,3 +63,20 @@ print_table() {
     done
     return "$failed"
 }
+
+# editable_set: an editable install (the source tree) with mypy, type-checking a user's app.
+editable_set() {
+    local venv=".venvs/editable" start=$SECONDS status stamp
+    stamp="$(sha256sum pyproject.toml | cut -d' ' -f1)"
+    if [[ ! -x "$venv/bin/python" || "$(cat "$venv/.stamp" 2>/dev/null)" != "$stamp" ]]; then
+        rm -rf "$venv"
+        "$UV" venv --quiet --python "$(.venv/bin/python -c 'import sys; print(sys.executable)')" "$venv"
+        "$UV" pip install --quiet --python "$venv/bin/python" --editable . "mypy>=1.11" \
+            "pytest>=8.2" "pytest-timeout>=2.3"
+        echo "$stamp" >"$venv/.stamp"
+    fi
+    echo "== install set editable: pip install -e ., mypy on a user's app"
+    status=pass
+    (cd tests/install && "../../$venv/bin/python" -m pytest -q test_editable.py) || status=FAIL
+    RESULTS+=("editable|-e . + mypy: tests/install/test_editable.py|$status|$((SECONDS - start))")
+}
