@@ -1,6 +1,6 @@
 # The example service (example_app/) on the lifecycle library.
 # Build: docker build -t lifecycle-example .   Run: docker run -p 8000:8000 lifecycle-example
-FROM python:3.12-slim
+FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -22,7 +22,7 @@ COPY pyproject.toml README.md ./
 RUN mkdir lifecycle \
     && touch lifecycle/__init__.py \
     && pip install ".[example]" \
-    && pip uninstall --yes lifecycle \
+    && pip uninstall --yes anyio-lifecycle \
     && rm -rf lifecycle build
 
 COPY lifecycle/ lifecycle/
@@ -36,4 +36,4 @@ EXPOSE 8000
 STOPSIGNAL SIGTERM
 HEALTHCHECK --interval=10s --timeout=3s --start-period=30s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/livez', timeout=2)"]
-CMD ["uvicorn", "example_app.main:app", "--host", "0.0.0.0", "--port", "8000", "--timeout-graceful-shutdown", "15"]
+CMD ["uvicorn", "example_app.main:app", "--host", "0.0.0.0", "--port", "8000", "--timeout-graceful-shutdown", "30"]

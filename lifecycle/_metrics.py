@@ -9,7 +9,7 @@ times of worker pools need every value: those are pushed, through the pool's obs
 into histograms that count into buckets without a lock (every observation happens on the
 event loop's thread) and are exposed at scrape time.
 
-prometheus-client is an optional dependency (``pip install 'lifecycle[metrics]'``), imported
+prometheus-client is an optional dependency (``pip install 'anyio-lifecycle[metrics]'``), imported
 only when metrics are enabled or collected.
 """
 
@@ -58,7 +58,7 @@ DEFAULT_BUCKETS: tuple[float, ...] = (
 )
 """Upper bounds (seconds) of the job wait and run time histograms: 0.5 ms to a minute."""
 
-_INSTALL_HINT = "pip install 'lifecycle[metrics]'"
+_INSTALL_HINT = "pip install 'anyio-lifecycle[metrics]'"
 # How far `LifecycleMetrics.watch` follows an app's ``.app`` chain looking for middleware.
 _MAX_MIDDLEWARE_DEPTH = 64
 

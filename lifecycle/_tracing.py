@@ -1,6 +1,6 @@
 """OpenTelemetry spans of a `Lifecycle`: startup, shutdown, restarts and background jobs.
 
-Only the OpenTelemetry *API* is used (``pip install 'lifecycle[tracing]'``): spans go to
+Only the OpenTelemetry *API* is used (``pip install 'anyio-lifecycle[tracing]'``): spans go to
 whatever tracer provider the application configures (an SDK with an exporter), and nowhere
 when it configures none. The spans:
 
@@ -70,7 +70,7 @@ R = TypeVar("R")
 TRACER_NAME = "lifecycle"
 """The instrumentation scope name of every span this library makes."""
 
-_INSTALL_HINT = "pip install 'lifecycle[tracing]'"
+_INSTALL_HINT = "pip install 'anyio-lifecycle[tracing]'"
 
 
 def instrument_tracing(
@@ -133,7 +133,7 @@ def _version() -> str | None:
     from importlib import metadata
 
     try:
-        return metadata.version("lifecycle")
+        return metadata.version("anyio-lifecycle")
     except metadata.PackageNotFoundError:
         return None
 

@@ -14,11 +14,13 @@ import asyncio
 import contextlib
 import contextvars
 import enum
+import importlib
 import inspect
 import logging
 import math
 import random
 import signal
+import sys
 import time
 import types
 from collections import deque
@@ -320,6 +322,44 @@ class _Job:
         self.result = result
         self.enqueued = time.perf_counter()
         self.counted = False
+
+
+def _pool_reference(handler: Callable[..., Any]) -> tuple[str, str] | None:
+    """The module and qualified name of a cpu_bound handler that its pool's name now hides.
+
+    pickle sends a function as a reference (its module and qualified name) and refuses when
+    that name no longer leads to the function, as ``@lc.worker(cpu_bound=True)`` rebinds it
+    to the `WorkerPool`. For such a handler the worker process is sent the reference, which
+    it resolves and unwraps with `_resolve_and_call`; for any other, ``None``.
+    """
+    module = getattr(handler, "__module__", None)
+    qualname = getattr(handler, "__qualname__", "")
+    if not isinstance(module, str) or "<locals>" in qualname:
+        return None
+    found = _resolve(module, qualname)
+    if isinstance(found, WorkerPool) and found.handler is handler:
+        return module, qualname
+    return None
+
+
+def _resolve(module: str, qualname: str) -> object:
+    target: object = sys.modules.get(module)
+    for part in qualname.split("."):
+        target = getattr(target, part, None)
+    return target
+
+
+def _resolve_and_call(module: str, qualname: str, payload: object) -> object:
+    """Run, in a worker process, the handler a `WorkerPool` named ``module.qualname`` wraps."""
+    importlib.import_module(module)
+    found = _resolve(module, qualname)
+    handler = found.handler if isinstance(found, WorkerPool) else found
+    if not callable(handler):
+        raise TypeError(
+            f"The worker process found no handler at {module}.{qualname}; define cpu_bound "
+            f"handlers at the top level of an importable module."
+        )
+    return handler(payload)
 
 
 class WorkerPool(Generic[J, R]):
@@ -731,7 +771,13 @@ class WorkerPool(Generic[J, R]):
         if self._is_async:
             return self.handler(payload, **self._deps)  # type: ignore[no-any-return]
         if self.cpu_bound:
-            return anyio.to_process.run_sync(self.handler, payload, cancellable=True)
+            reference = _pool_reference(self.handler)
+            if reference is None:  # the call form: pickle sends the function as usual
+                return anyio.to_process.run_sync(self.handler, payload, cancellable=True)
+            module, qualname = reference
+            return anyio.to_process.run_sync(
+                _resolve_and_call, module, qualname, payload, cancellable=True
+            )
         handler = self.handler
         deps = self._deps
         return anyio.to_thread.run_sync(lambda: handler(payload, **deps), limiter=self._limiter)

@@ -1,7 +1,7 @@
 """FastAPI integration: typed dependencies and routers.
 
 Thin adapters over the framework-free core; importing this module needs the ``fastapi``
-extra (``pip install 'lifecycle[fastapi]'``).
+extra (``pip install 'anyio-lifecycle[fastapi]'``).
 """
 
 from __future__ import annotations
@@ -227,7 +227,7 @@ def metrics_router(
         The router, for ``app.include_router``.
 
     Raises:
-        ImportError: prometheus-client is not installed (``pip install 'lifecycle[metrics]'``).
+        ImportError: prometheus-client is not installed (``pip install 'anyio-lifecycle[metrics]'``).
     """
     router = APIRouter()
     route = metrics_route(registry, path=path)

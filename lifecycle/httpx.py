@@ -15,7 +15,7 @@
   with the marker, hop after hop.
 
 Outside any deadline the transport only forwards. Importing this module needs the ``httpx``
-extra (``pip install 'lifecycle[httpx]'``)::
+extra (``pip install 'anyio-lifecycle[httpx]'``)::
 
     client = httpx.AsyncClient(transport=lifecycle.httpx.DeadlineTransport())
 """

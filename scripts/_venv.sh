@@ -27,10 +27,10 @@ ensure_venv() {
     local wanted
     wanted="$(.venv/bin/python -c 'import hashlib,sys; print(hashlib.sha256(open("pyproject.toml","rb").read()).hexdigest())')"
     if [[ -f "$stamp" && "$(cat "$stamp")" == "$wanted" ]]; then
-        echo "== lifecycle[$extra] is installed in .venv and pyproject.toml is unchanged"
+        echo "== anyio-lifecycle[$extra] is installed in .venv and pyproject.toml is unchanged"
         return
     fi
-    echo "== installing lifecycle[$extra] into .venv (the first time takes a minute; pip shows its progress)"
+    echo "== installing anyio-lifecycle[$extra] into .venv (the first time takes a minute; pip shows its progress)"
     local status
     set +e
     .venv/bin/python -m pip install --progress-bar on --editable ".[$extra]" 2>&1 |
@@ -38,7 +38,7 @@ ensure_venv() {
     status=${PIPESTATUS[0]}
     set -e
     if [[ $status -ne 0 ]]; then
-        echo "error: installing lifecycle[$extra] failed (pip exited $status); see above" >&2
+        echo "error: installing anyio-lifecycle[$extra] failed (pip exited $status); see above" >&2
         exit 1
     fi
     echo "$wanted" >"$stamp"

@@ -128,3 +128,72 @@ def test_the_image_command_starts_the_app(tmp_path: Path) -> None:
     finally:
         process.terminate()
         process.communicate(timeout=20)
+
+
+def pod_spec() -> dict[str, Any]:
+    return deployment()["spec"]["template"]["spec"]  # type: ignore[no-any-return]
+
+
+def test_a_request_admitted_at_the_last_moment_fits_the_graceful_window() -> None:
+    # The app keeps accepting until the drain delay ends; a request admitted then may run for
+    # the deadline middleware's max_timeout, and uvicorn waits --timeout-graceful-shutdown for
+    # it. Measured from SIGTERM: drain_delay + max_timeout <= drain_delay + graceful.
+    import lifecycle
+    from example_app.main import app
+
+    [deadline] = [m for m in app.user_middleware if m.cls is lifecycle.DeadlineMiddleware]
+    max_timeout = float(deadline.kwargs["max_timeout"])
+    env = {item["name"]: item.get("value") for item in container()["env"]}
+    drain_delay = float(env["DRAIN_DELAY"])
+    graceful = float(option(instruction("CMD"), "--timeout-graceful-shutdown"))
+    assert drain_delay + max_timeout <= drain_delay + graceful, (
+        f"a request admitted {drain_delay}s after SIGTERM may run {max_timeout}s, but uvicorn "
+        f"stops waiting {graceful}s after the drain delay; raise --timeout-graceful-shutdown "
+        f"or lower max_timeout"
+    )
+
+
+def test_the_image_runs_the_python_the_tests_run_on() -> None:
+    [base] = re.findall(r"^FROM python:(\d+)\.(\d+)-slim$", DOCKERFILE, flags=re.MULTILINE)
+    assert tuple(map(int, base)) == sys.version_info[:2], (
+        f"the Dockerfile builds on Python {'.'.join(base)}, the tests run on "
+        f"{sys.version_info.major}.{sys.version_info.minor}"
+    )
+
+
+def test_the_image_tag_is_pinned_to_the_project_version() -> None:
+    import tomllib
+
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    assert container()["image"] == f"lifecycle-example:{version}"
+
+
+def test_the_pod_meets_the_restricted_pod_security_profile() -> None:
+    """The "restricted" Pod Security Standard's rules, as the admission controller applies them.
+
+    https://kubernetes.io/docs/concepts/security/pod-security-standards/#restricted
+    """
+    pod = pod_spec()
+    pod_context = pod.get("securityContext", {})
+    assert pod_context.get("runAsNonRoot") is True
+    assert pod_context.get("runAsUser", 1) != 0
+    assert pod_context.get("seccompProfile", {}).get("type") in ("RuntimeDefault", "Localhost")
+    for key in ("hostNetwork", "hostPID", "hostIPC"):
+        assert not pod.get(key), key
+    allowed_volumes = {"emptyDir", "configMap", "secret", "projected", "persistentVolumeClaim"}
+    for volume in pod.get("volumes", []):
+        assert set(volume) - {"name"} <= allowed_volumes, volume
+    for spec in pod["containers"]:
+        context = spec["securityContext"]
+        assert context["allowPrivilegeEscalation"] is False
+        assert not context.get("privileged", False)
+        assert context["capabilities"]["drop"] == ["ALL"]
+        assert set(context["capabilities"].get("add", [])) <= {"NET_BIND_SERVICE"}
+        assert context.get("runAsUser", 1) != 0
+        assert not any("hostPort" in port for port in spec.get("ports", []))
+        # Beyond "restricted": a read-only root, with emptyDirs where the app writes.
+        assert context["readOnlyRootFilesystem"] is True
+        mounts = {mount["mountPath"] for mount in spec["volumeMounts"]}
+        sqlite_dir = re.search(r"SQLITE_PATH=(\S+)/[^/\s]+", DOCKERFILE)
+        assert sqlite_dir is not None
+        assert {sqlite_dir.group(1), "/tmp"} <= mounts

@@ -26,6 +26,7 @@ from lifecycle import (
     PoolState,
     QueueFull,
     SupervisorState,
+    WorkerPool,
 )
 from lifecycle.testing import assert_stopped_before
 
@@ -391,7 +392,6 @@ async def test_thread_jobs_running_at_the_drain_deadline_finish(
     assert "cancelled and" not in warning
 
 
-@pytest.mark.parametrize("anyio_backend", ["asyncio"])
 async def test_cpu_bound_handlers_run_in_processes() -> None:
     lc = Lifecycle()
     pool = lc.worker(cpu_square, concurrency=2, cpu_bound=True)
@@ -399,6 +399,23 @@ async def test_cpu_bound_handlers_run_in_processes() -> None:
         value, pid = await pool.call(12)
     assert value == 144
     assert pid != os.getpid()
+
+
+async def test_cpu_bound_decorator_and_call_forms_run_in_processes() -> None:
+    # Regression: the decorator rebinds the handler's module name to its pool, so pickle
+    # refused to send the handler ("it's not the same object as ...crunch") and every job
+    # failed; the call form, which leaves the name alone, worked.
+    from tests.apps import cpu_jobs
+
+    assert isinstance(cpu_jobs.crunch, WorkerPool)  # the name the decorator rebinds
+    async with cpu_jobs.lc.run():
+        results = [await cpu_jobs.crunch.call(n) for n in (10, 1000)]
+        squared, square_pid = await cpu_jobs.squares.call(12)
+    assert [value for value, _ in results] == [285, 332833500]
+    assert all(pid != os.getpid() for _, pid in results)
+    assert (squared, square_pid != os.getpid()) == (144, True)
+    stats = cpu_jobs.crunch.statistics()
+    assert (stats.completed, stats.failed) == (2, 0)
 
 
 def test_cpu_bound_handler_must_be_plain_and_take_only_the_job() -> None:
