@@ -227,7 +227,8 @@ def metrics_router(
         The router, for ``app.include_router``.
 
     Raises:
-        ImportError: prometheus-client is not installed (``pip install 'anyio-lifecycle[metrics]'``).
+        ImportError: prometheus-client is not installed
+            (``pip install 'anyio-lifecycle[metrics]'``).
     """
     router = APIRouter()
     route = metrics_route(registry, path=path)

@@ -343,7 +343,8 @@ def metrics_route(registry: CollectorRegistry | None = None, *, path: str = "/me
         The route.
 
     Raises:
-        ImportError: prometheus-client is not installed (``pip install 'anyio-lifecycle[metrics]'``).
+        ImportError: prometheus-client is not installed
+            (``pip install 'anyio-lifecycle[metrics]'``).
     """
     from ._metrics import require_prometheus
 

@@ -558,7 +558,8 @@ for enable in (lifecycle.instrument_metrics, lifecycle.instrument_tracing):
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines == [
-        "Metrics need prometheus-client, which is not installed: pip install 'anyio-lifecycle[metrics]'.",
+        "Metrics need prometheus-client, which is not installed: "
+        "pip install 'anyio-lifecycle[metrics]'.",
         "Tracing needs opentelemetry-api, which is not installed: "
         "pip install 'anyio-lifecycle[tracing]'.",
     ]
