@@ -80,3 +80,23 @@ editable_set() {
     (cd tests/install && "../../$venv/bin/python" -m pytest -q test_editable.py) || status=FAIL
     RESULTS+=("editable|-e . + mypy: tests/install/test_editable.py|$status|$((SECONDS - start))")
 }
+
+# deploy_checks: the Kubernetes manifest against the API schema (kubernetes-validate) and
+# a policy checker (checkov), both from PyPI, in a venv of their own. Both run offline:
+# kubernetes-validate ships its schemas, and checkov's --skip-download keeps it from asking
+# its vendor's servers for guidelines. Each rule deploy/checkov.yaml skips says why.
+deploy_checks() {
+    local venv=".venvs/deploy" start=$SECONDS status=pass want="kubernetes-validate>=1.31 checkov>=3.2"
+    if [[ ! -x "$venv/bin/checkov" || "$(cat "$venv/.stamp" 2>/dev/null)" != "$want" ]]; then
+        rm -rf "$venv"
+        "$UV" venv --quiet --python "$(.venv/bin/python -c 'import sys; print(sys.executable)')" "$venv"
+        # shellcheck disable=SC2086
+        "$UV" pip install --quiet --python "$venv/bin/python" $want
+        echo "$want" >"$venv/.stamp"
+    fi
+    echo "== deploy: kubernetes-validate and checkov on deploy/kubernetes.yaml"
+    "$venv/bin/kubernetes-validate" --strict deploy/kubernetes.yaml || status=FAIL
+    "$venv/bin/checkov" --quiet --compact --skip-download --framework kubernetes \
+        --config-file deploy/checkov.yaml -f deploy/kubernetes.yaml || status=FAIL
+    RESULTS+=("deploy|kubernetes-validate + checkov: deploy/|$status|$((SECONDS - start))")
+}
