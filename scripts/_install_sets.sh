@@ -72,13 +72,13 @@ editable_set() {
         rm -rf "$venv"
         "$UV" venv --quiet --python "$(.venv/bin/python -c 'import sys; print(sys.executable)')" "$venv"
         "$UV" pip install --quiet --python "$venv/bin/python" --editable . "mypy>=1.11" \
-            "pytest>=8.2" "pytest-timeout>=2.3"
+            "pyright>=1.1.380" "pytest>=8.2" "pytest-timeout>=2.3"
         echo "$stamp" >"$venv/.stamp"
     fi
-    echo "== install set editable: pip install -e ., mypy on a user's app"
+    echo "== install set editable: pip install -e ., mypy and pyright on a user's app"
     status=pass
     (cd tests/install && "../../$venv/bin/python" -m pytest -q test_editable.py) || status=FAIL
-    RESULTS+=("editable|-e . + mypy: tests/install/test_editable.py|$status|$((SECONDS - start))")
+    RESULTS+=("editable|-e . + mypy, pyright: tests/install/test_editable.py|$status|$((SECONDS - start))")
 }
 
 # deploy_checks: the Kubernetes manifest against the API schema (kubernetes-validate) and
