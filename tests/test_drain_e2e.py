@@ -132,7 +132,12 @@ async def drain_scenario(server: Server) -> tuple[float, list[int], str]:
             response = await client.get("/slow", params={"seconds": SLOW})
             statuses.append(response.status_code)
 
-        async with anyio.create_task_group() as tg:
+        # The probing client exists before the signal: building one (its TLS context reads
+        # the CA bundle) takes tens of milliseconds, which the 100 ms must not include.
+        async with (
+            anyio.create_task_group() as tg,
+            httpx.AsyncClient(base_url=server.url, timeout=5) as probe,
+        ):
             for _ in range(20):
                 tg.start_soon(slow_request)
             await anyio.sleep(0.5)  # all 20 are in flight now (each takes 2 s)
@@ -140,14 +145,13 @@ async def drain_scenario(server: Server) -> tuple[float, list[int], str]:
             server.process.send_signal(signal.SIGTERM)
 
             # Readiness fails within 100 ms; liveness holds; new requests are still served.
-            async with httpx.AsyncClient(base_url=server.url, timeout=5) as probe:
-                while (await probe.get("/readyz")).status_code != 503:
-                    assert time.monotonic() - sent < 0.1, "/readyz still passing after 100 ms"
-                readiness_failed_after = time.monotonic() - sent
-                assert (await probe.get("/livez")).status_code == 200
-                during_drain = await probe.get("/items")
-                assert during_drain.status_code == 200
-                assert time.monotonic() - sent < DRAIN_DELAY  # served during the delay
+            while (await probe.get("/readyz")).status_code != 503:
+                assert time.monotonic() - sent < 0.1, "/readyz still passing after 100 ms"
+            readiness_failed_after = time.monotonic() - sent
+            assert (await probe.get("/livez")).status_code == 200
+            during_drain = await probe.get("/items")
+            assert during_drain.status_code == 200
+            assert time.monotonic() - sent < DRAIN_DELAY  # served during the delay
         assert readiness_failed_after < 0.1
 
         exit_code = await anyio.to_thread.run_sync(server.process.wait, 30)
