@@ -38,9 +38,9 @@ LAZY_EXTRAS = {
     ("testing.py", "httpx"): "httpx",  # the test client
     ("pytest_plugin.py", "trio"): "trio",  # the lifecycle_clock fixture (trio's MockClock)
 }
-# A module only its host process loads: the pytest plugin is loaded by pytest (through the
-# pytest11 entry point), so pytest is there whenever it is imported.
-LOADED_BY = {"pytest_plugin.py": {"pytest"}}
+# The pytest plugin belongs to the testing extra (pytest, httpx); pytest loads it.
+MODULE_EXTRAS["pytest_plugin.py"] = "testing"
+LOADED_BY: dict[str, set[str]] = {}
 
 
 @dataclass(frozen=True)
