@@ -10,31 +10,20 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 
 
-def status(url: str) -> int:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:
-            return int(response.status)
-    except urllib.error.HTTPError as exc:
-        return exc.code
-
-
-def test_the_example_app_drains_on_sigterm(tmp_path: Path) -> None:
+def test_the_example_app_drains_on_sigterm(
+    tmp_path: Path, start_server: Callable[..., Any]
+) -> None:
     shutil.copytree(ROOT / "example_app", tmp_path / "example_app")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    url = f"http://127.0.0.1:{port}"
     env = {**os.environ, "DRAIN_DELAY": "1", "SQLITE_PATH": str(tmp_path / "items.db")}
     env.pop("DATABASE_URL", None)
     env.pop("REDIS_URL", None)
@@ -48,42 +37,23 @@ def test_the_example_app_drains_on_sigterm(tmp_path: Path) -> None:
         check=True,
     ).stdout
     assert "site-packages" in where, where
-    log = tmp_path / "uvicorn.log"
-    with log.open("w") as sink:
-        process = subprocess.Popen(
-            [
-                str(Path(sys.executable).parent / "uvicorn"),
-                "example_app.main:app",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--timeout-graceful-shutdown",
-                "5",
-            ],
-            cwd=tmp_path,
-            env=env,
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if status(f"{url}/readyz") == 200:
-                    break
-            except OSError:
-                pass
-            assert process.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.05)
-        process.send_signal(signal.SIGTERM)
-        time.sleep(0.2)
-        assert status(f"{url}/readyz") == 503, log.read_text()
-        assert status(f"{url}/livez") == 200, log.read_text()
-        assert process.wait(timeout=20) in (0, -signal.SIGTERM), log.read_text()
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-    assert "Drain begun: readiness now fails." in log.read_text()
+    server = start_server(
+        [
+            str(Path(sys.executable).parent / "uvicorn"),
+            "example_app.main:app",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "{port}",
+            "--timeout-graceful-shutdown",
+            "5",
+        ],
+        cwd=tmp_path,
+        env=env,
+    )
+    server.process.send_signal(signal.SIGTERM)
+    time.sleep(0.2)
+    assert server.call("/readyz")[0] == 503, server.output()
+    assert server.call("/livez")[0] == 200, server.output()
+    assert server.process.wait(timeout=20) in (0, -signal.SIGTERM), server.output()
+    assert "Drain begun: readiness now fails." in server.output()
