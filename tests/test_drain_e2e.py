@@ -142,6 +142,9 @@ async def drain_scenario(server: Server) -> tuple[float, list[int], str]:
             for _ in range(20):
                 tg.start_soon(slow_request)
             await anyio.sleep(0.5)  # all 20 are in flight now (each takes 2 s)
+            # Its connection is open before the signal too (opening one resolves the address
+            # in a worker thread), so that the probes measure the server, not the client.
+            assert (await probe.get("/readyz")).status_code == 200
             # Nor may a garbage collection of this (test) process, with the heap of the whole
             # suite behind it, land inside the 100 ms: collect now, and not while measuring.
             gc.collect()
