@@ -26,6 +26,7 @@ from ._problem import (
     new_instance,
     problem_body,
 )
+from ._servers import no_lifespan_message
 from .exceptions import PoolClosed, QueueFull, ServiceNotRunning
 
 if TYPE_CHECKING:
@@ -86,13 +87,16 @@ def exception_handlers(
             detail = "The server is shutting down; retry on another instance."
         else:
             kind, title = SERVICE_UNAVAILABLE_TYPE, "Service unavailable"
-            detail = (
-                "A service this request needs is not running (the server is starting or "
-                "shutting down); retry later."
-            )
             cause = exc.__cause__
             if isinstance(cause, ServiceNotRunning):
                 exc = cause  # what the log names
+            if isinstance(exc, ServiceNotRunning) and exc.never_started:
+                detail = no_lifespan_message()  # logged once, as an error
+            else:
+                detail = (
+                    "A service this request needs is not running (the server is starting or "
+                    "shutting down); retry later."
+                )
         body = problem_body(503, kind, title, detail, instance)
         _LOG.info("Answered 503 to %s %s (%s): %s", request.method, request.url.path, instance, exc)
         return Response(
@@ -175,6 +179,7 @@ def _presents_token(request: Request, token: bytes) -> bool:
 import logging  # noqa: E402
 
 from ._health import HEALTH_JSON, HealthReport, HealthStatus  # noqa: E402
+from ._timeline import LifecycleState  # noqa: E402
 
 __all__ += ["health_routes"]
 
@@ -266,8 +271,14 @@ def health_routes(
         return False
 
     def answer(report: HealthReport, request: Request) -> Response:
+        body = report.to_json(details=may_see_details(request))
+        if lifecycle.state is LifecycleState.IDLE:
+            # A probe of an app whose lifespan never ran: say why, to everyone (it is no secret).
+            document = json.loads(body)
+            document["output"] = no_lifespan_message()
+            body = json.dumps(document).encode()
         return Response(
-            report.to_json(details=may_see_details(request)),
+            body,
             status_code=codes[report.status],
             media_type=HEALTH_JSON,
             headers=_NO_STORE,
