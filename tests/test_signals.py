@@ -33,8 +33,8 @@ ASYNCIO_LOOPS = [
 ]
 
 
-async def wait_for(condition: Callable[[], object], timeout: float = 5) -> None:
-    with anyio.fail_after(timeout):
+async def wait_for(condition: Callable[[], object]) -> None:
+    with anyio.fail_after(5):
         while not condition():  # noqa: ASYNC110 - polling a flag set from a signal handler
             await anyio.sleep(0.005)
 
