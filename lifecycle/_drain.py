@@ -29,7 +29,7 @@ from collections.abc import AsyncIterator, Sequence
 import anyio
 
 from ._kernel import Kernel
-from ._servers import supervisor_warning
+from ._servers import serving_server, supervisor_warning
 from ._signals import SignalHold
 from ._validate import seconds
 
@@ -171,6 +171,24 @@ class SignalDrain:
             await self._skip.wait()
         assert self._first is not None
         hold, self._hold = self._hold, None
-        if hold is not None:
-            # The server's own graceful shutdown follows; a further signal is its to handle.
-            hold.forward(self._first)
+        if hold is None:
+            return
+        signum = self._first
+        server = serving_server()
+        if (
+            signum == signal.SIGTERM
+            and server is not None
+            and not hold.listened(signal.SIGTERM)
+            and hold.listened(signal.SIGINT)
+        ):
+            # hypercorn's trio worker installs no SIGTERM handler: its default action would
+            # end the process mid-request. SIGINT is the signal it shuts down gracefully on.
+            logger.info(
+                "%s has no SIGTERM handler in this process; handing it SIGINT, on which it "
+                "shuts down gracefully.",
+                server,
+                extra={"phase": "drain"},
+            )
+            signum = signal.SIGINT
+        # The server's own graceful shutdown follows; a further signal is its to handle.
+        hold.forward(signum)

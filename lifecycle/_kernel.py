@@ -1128,6 +1128,11 @@ class _Run:
         if hold is None:
             return
         if self.interrupted is not None:
+            if self.error is not None:
+                # Said here, once, since the server may not live to report the error: the
+                # signal handed on may end the process (SIGTERM's default action) or raise
+                # KeyboardInterrupt in it (trio) at once.
+                logger.warning("%s", self.error, extra={"phase": "startup"})
             hold.forward(self.interrupted)
         else:
             hold.release()

@@ -73,6 +73,7 @@ class SignalHold:
         self._previous: dict[int, Handler] = {}
         self._handler: Callable[[int, FrameType | None], None] | None = None
         self._relay: _WakeupRelay | None = None
+        self._frames: dict[int, FrameType | None] = {}
 
     @property
     def held(self) -> bool:
@@ -87,9 +88,11 @@ class SignalHold:
             return False
         schedule = loop_scheduler()
         on_signal = self._on_signal
+        frames = self._frames
 
         def handler(signum: int, frame: FrameType | None) -> None:
             # Runs between two bytecodes of the loop's thread: only hand over.
+            frames[signum] = frame
             schedule(lambda: on_signal(signum))
 
         self._previous = {sig: signal.getsignal(sig) for sig in self.signals}
@@ -112,14 +115,33 @@ class SignalHold:
         if relay is not None:
             relay.uninstall()
 
-    def forward(self, signum: int) -> None:
-        """Release the signals, then deliver ``signum`` as if it had just arrived."""
+    def listened(self, signum: int) -> bool:
+        """Whether someone had a handler of their own for ``signum`` before `install`."""
         previous = self._previous.get(signum)
+        return callable(previous) or previous is signal.SIG_IGN
+
+    def forward(self, signum: int) -> None:
+        """Release the signals, then deliver ``signum`` as if it had just arrived.
+
+        A Python-level handler is called with the frame the signal interrupted (trio's
+        decides from it how to deliver KeyboardInterrupt); the loop learns of it from a byte
+        on its wakeup fd, as the C handler would have written it. Without either, the
+        signal's default action follows (SIGTERM ends the process, SIGINT raises
+        KeyboardInterrupt).
+        """
+        previous = self._previous.get(signum)
+        frame = self._frames.pop(signum, None)
+        loop_fd = -1 if self._relay is None else self._relay.loop_fd()
         self.release()
         if previous is signal.SIG_IGN:
             return
+        if callable(previous) and previous is not signal.default_int_handler:
+            if loop_fd != -1:
+                with contextlib.suppress(OSError):
+                    os.write(loop_fd, bytes([signum]))
+            previous(signum, frame)
+            return
         if previous is None or previous is signal.SIG_DFL:
-            # Nobody listened: the signal's default action (SIGTERM ends the process).
             signal.signal(signum, signal.SIG_DFL)
         signal.raise_signal(signum)
 
@@ -173,7 +195,7 @@ class _WakeupRelay:
             self.original, self.identity = current, _identity(current)
         self.timer = self.loop.call_later(self.RECHECK, self._steal)
 
-    def _loop_fd(self) -> int:
+    def loop_fd(self) -> int:
         """The loop's own wakeup fd, or -1 if it is gone (closed, or its number reused)."""
         if self.original == -1 or _identity(self.original) != self.identity:
             return -1
@@ -185,7 +207,7 @@ class _WakeupRelay:
         except (BlockingIOError, InterruptedError):
             return
         passed = bytes(b for b in data if b not in self.held)
-        target = self._loop_fd()
+        target = self.loop_fd()
         if passed and target != -1:
             with contextlib.suppress(OSError):
                 os.write(target, passed)
@@ -197,7 +219,7 @@ class _WakeupRelay:
         current = signal.set_wakeup_fd(-1)
         if current == ours:
             with contextlib.suppress(ValueError):  # a loop fd that is no longer non-blocking
-                signal.set_wakeup_fd(self._loop_fd())
+                signal.set_wakeup_fd(self.loop_fd())
         else:
             signal.set_wakeup_fd(current)  # replaced since by someone else: theirs stays
         with contextlib.suppress(Exception):

@@ -277,3 +277,40 @@ async def test_without_a_lifespan_probes_and_routes_say_why_and_it_is_logged_onc
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 1, [r.getMessage() for r in errors]
     assert "lifespan never started" in errors[0].getMessage()
+
+
+TRIO_SCRIPT = """
+import signal, anyio, trio
+from lifecycle import Lifecycle
+
+lc = Lifecycle(drain_delay=0.2)
+
+async def main():
+    async with lc.run():
+        signal.raise_signal(signal.SIGINT)
+        try:
+            with anyio.fail_after(5):
+                await anyio.sleep_forever()
+        finally:
+            print("body cancelled; draining:", lc.draining, flush=True)
+
+try:
+    trio.run(main)
+except KeyboardInterrupt:
+    print("KeyboardInterrupt after the drain", flush=True)
+"""
+
+
+def test_under_trio_the_drain_hands_sigint_to_trio_as_keyboardinterrupt() -> None:
+    """With trio's own SIGINT handler (not a stand-in): after the delay, trio delivers
+    KeyboardInterrupt to the main task, as it would have without the drain."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", TRIO_SCRIPT], capture_output=True, text=True, timeout=30
+    )
+    assert done.stdout.splitlines() == [
+        "body cancelled; draining: True",
+        "KeyboardInterrupt after the drain",
+    ], done.stdout + done.stderr
