@@ -1,16 +1,27 @@
 """Helpers shared by the tests that talk to real servers.
 
-Reaching the real PostgreSQL and Redis that integration tests talk to: on a developer's
-laptop without them, such tests skip with the reason; under ``CI=true`` they fail instead,
-because CI runs them for real. And free loopback ports for the servers tests start.
+Reaching the real PostgreSQL and Redis that integration tests talk to, and finding the real
+binaries (HAProxy) that some tests run: on a developer's laptop without them, such tests skip
+with the reason; under ``CI=true`` they fail instead, because CI runs them for real. Free
+loopback ports for the servers tests start, the command line that runs an app under each ASGI
+server users run, and a `Spawner` that reaps every process a test started.
 """
 
 from __future__ import annotations
 
+import math
 import os
+import shutil
 import socket
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from contextlib import ExitStack
+from pathlib import Path
 
 import pytest
+
+ROOT = Path(__file__).parent.parent
 
 POSTGRES_URL = os.environ.get("TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -23,9 +34,30 @@ def require_server(name: str, host: str, port: int) -> None:
             return
     except OSError as exc:
         reason = f"{name} is not reachable at {host}:{port} ({exc})"
+    unavailable(reason, "start it to run this integration test")
+
+
+def unavailable(reason: str, fix: str) -> None:
+    """Skip the calling test for ``reason`` (saying how to ``fix`` it); under CI, fail it."""
     if os.environ.get("CI", "").lower() == "true":
         pytest.fail(f"{reason}; CI=true, so this integration test must run for real.")
-    pytest.skip(f"{reason}; start it to run this integration test.")
+    pytest.skip(f"{reason}; {fix}.")
+
+
+def require_binary(name: str, *, package: str, also: Sequence[str] = ("/usr/sbin",)) -> str:
+    """The path of executable ``name``, looked up on PATH and then in ``also``.
+
+    Missing, the calling test skips (saying which Debian ``package`` has it), or fails under CI.
+    """
+    path = shutil.which(name) or shutil.which(name, path=os.pathsep.join(also))
+    if path is None:
+        searched = os.pathsep.join([os.environ.get("PATH", ""), *also])
+        unavailable(
+            f"{name} is not installed (searched {searched})",
+            f"install it (apt-get install -y {package}) to run this test",
+        )
+    assert path is not None
+    return path
 
 
 def require_postgres() -> str:
@@ -43,3 +75,81 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` different TCP ports on 127.0.0.1 that nothing listens on right now."""
+    with ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [int(sock.getsockname()[1]) for sock in sockets]
+
+
+# The ASGI servers users run, each as its own CLI runs it by default (one process serving,
+# or the server's supervisor in front of one worker, as that server does).
+SERVERS = ("uvicorn", "hypercorn", "granian")
+
+
+def server_command(server: str, app: str, port: int, *, graceful: float) -> list[str]:
+    """The command line that serves ``app`` (``module:attribute``) under ``server`` on
+    127.0.0.1:``port``, giving in-flight requests ``graceful`` seconds once the server's own
+    shutdown begins. Access logs are off: probes every few hundred ms would flood them."""
+    python = sys.executable
+    if server == "uvicorn":
+        return [
+            *(python, "-m", "uvicorn", app, "--host", "127.0.0.1", "--port", str(port)),
+            *("--timeout-graceful-shutdown", str(math.ceil(graceful)), "--no-access-log"),
+        ]
+    if server == "hypercorn":
+        return [
+            *(python, "-m", "hypercorn", app, "--bind", f"127.0.0.1:{port}"),
+            *("--graceful-timeout", str(math.ceil(graceful))),
+        ]
+    if server == "granian":
+        # granian has no graceful window for requests: --workers-kill-timeout would kill the
+        # worker, drain delay included. Left at its default (wait), the test's own bound on
+        # the exit is what limits it.
+        return [
+            *(python, "-m", "granian", "--interface", "asgi", app),
+            *("--host", "127.0.0.1", "--port", str(port)),
+        ]
+    raise ValueError(f"Unknown server {server!r}; expected one of {SERVERS}.")
+
+
+class Spawner:
+    """Starts a test's subprocesses, their output in a log file each, and reaps them.
+
+    `close` (the ``spawner`` fixture calls it at teardown) kills whatever is still running
+    and waits for it, so that no test leaves a process behind, whether it passed or not.
+    """
+
+    def __init__(self) -> None:
+        self.processes: list[subprocess.Popen[bytes]] = []
+
+    def spawn(
+        self,
+        command: Sequence[str],
+        *,
+        log: Path,
+        env: Mapping[str, str] | None = None,
+        cwd: Path = ROOT,
+    ) -> subprocess.Popen[bytes]:
+        """Run ``command`` in ``cwd`` with ``env`` added to this process's environment."""
+        with log.open("wb") as sink:
+            process = subprocess.Popen(
+                list(command),
+                cwd=cwd,
+                env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+                stdout=sink,
+                stderr=subprocess.STDOUT,
+            )
+        self.processes.append(process)
+        return process
+
+    def close(self) -> None:
+        for process in self.processes:
+            if process.poll() is None:
+                process.kill()
+        for process in self.processes:
+            process.wait(timeout=10)
