@@ -27,3 +27,19 @@ def spawner() -> Iterator[Spawner]:
     finally:
         spawner.close()
 
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Show the load balancer drill's figures (tests/test_lb_drill.py) after every run that
+    ran it, passed, failed or xfailed alike, without ``-s`` or ``-rP``."""
+    figures = [
+        value
+        for reports in terminalreporter.stats.values()
+        for report in reports
+        if getattr(report, "when", None) == "call"
+        for name, value in getattr(report, "user_properties", ())
+        if name == "lb_drill"
+    ]
+    if figures:
+        terminalreporter.section("HAProxy drill figures")
+        for text in figures:
+            terminalreporter.write_line(str(text))

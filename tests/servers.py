@@ -9,9 +9,11 @@ server users run, and a `Spawner` that reaps every process a test started.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -51,9 +53,8 @@ def require_binary(name: str, *, package: str, also: Sequence[str] = ("/usr/sbin
     """
     path = shutil.which(name) or shutil.which(name, path=os.pathsep.join(also))
     if path is None:
-        searched = os.pathsep.join([os.environ.get("PATH", ""), *also])
         unavailable(
-            f"{name} is not installed (searched {searched})",
+            f"{name} is neither on PATH nor in {', '.join(also)}",
             f"install it (apt-get install -y {package}) to run this test",
         )
     assert path is not None
@@ -120,8 +121,10 @@ def server_command(server: str, app: str, port: int, *, graceful: float) -> list
 class Spawner:
     """Starts a test's subprocesses, their output in a log file each, and reaps them.
 
-    `close` (the ``spawner`` fixture calls it at teardown) kills whatever is still running
-    and waits for it, so that no test leaves a process behind, whether it passed or not.
+    Each process leads a process group of its own, so that what it starts in turn (a
+    server's workers) can be found (`group`) and killed with it. `close` (the ``spawner``
+    fixture calls it at teardown) kills every group that still has a process and waits for
+    the processes it started, so that no test leaves one behind, whether it passed or not.
     """
 
     def __init__(self) -> None:
@@ -143,13 +146,33 @@ class Spawner:
                 env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
                 stdout=sink,
                 stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
         self.processes.append(process)
         return process
 
+    @staticmethod
+    def group(process: subprocess.Popen[bytes]) -> dict[int, str]:
+        """The live processes (not zombies) of ``process``'s group: pid and command line.
+
+        Read from /proc (Linux), since a signal (``killpg(pgid, 0)``) would count zombies too.
+        """
+        members = {}
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                # The command name, in parentheses, may hold spaces: split after it.
+                state, _ppid, pgrp = stat.read_text().rpartition(")")[2].split()[:3]
+                if int(pgrp) == process.pid and state != "Z":
+                    cmdline = (stat.parent / "cmdline").read_bytes()
+                    members[int(stat.parent.name)] = cmdline.replace(b"\0", b" ").decode()
+            except (OSError, ValueError):
+                continue  # it exited while being read
+        return members
+
     def close(self) -> None:
         for process in self.processes:
-            if process.poll() is None:
-                process.kill()
+            # ProcessLookupError: the group is gone, the process and all it started exited.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
         for process in self.processes:
             process.wait(timeout=10)
