@@ -92,20 +92,26 @@ def free_ports(count: int) -> list[int]:
 SERVERS = ("uvicorn", "hypercorn", "granian")
 
 
-def server_command(server: str, app: str, port: int, *, graceful: float) -> list[str]:
+def server_command(
+    server: str, app: str, port: int, *, graceful: float, workers: int | None = None
+) -> list[str]:
     """The command line that serves ``app`` (``module:attribute``) under ``server`` on
     127.0.0.1:``port``, giving in-flight requests ``graceful`` seconds once the server's own
-    shutdown begins. Access logs are off: probes every few hundred ms would flood them."""
+    shutdown begins, with the server's ``--workers`` option when ``workers`` is given.
+    Access logs are off: probes every few hundred ms would flood them."""
     python = sys.executable
+    scale = () if workers is None else ("--workers", str(workers))
     if server == "uvicorn":
         return [
             *(python, "-m", "uvicorn", app, "--host", "127.0.0.1", "--port", str(port)),
             *("--timeout-graceful-shutdown", str(math.ceil(graceful)), "--no-access-log"),
+            *scale,
         ]
-    if server == "hypercorn":
+    if server == "hypercorn":  # --workers 0: no supervisor, the worker is the process
         return [
             *(python, "-m", "hypercorn", app, "--bind", f"127.0.0.1:{port}"),
             *("--graceful-timeout", str(math.ceil(graceful))),
+            *scale,
         ]
     if server == "granian":
         # granian has no graceful window for requests: --workers-kill-timeout would kill the
@@ -114,6 +120,7 @@ def server_command(server: str, app: str, port: int, *, graceful: float) -> list
         return [
             *(python, "-m", "granian", "--interface", "asgi", app),
             *("--host", "127.0.0.1", "--port", str(port)),
+            *scale,
         ]
     raise ValueError(f"Unknown server {server!r}; expected one of {SERVERS}.")
 
