@@ -354,7 +354,9 @@ class DirectProbe:
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
         limits = httpx.Limits(max_keepalive_connections=0)
-        async with httpx.AsyncClient(base_url=self.replica.url, timeout=0.5, limits=limits) as c:
+        # A second without an answer counts as not accepting (a socket still listening that
+        # nothing accepts from); shorter, a replica slowed by a busy machine would count too.
+        async with httpx.AsyncClient(base_url=self.replica.url, timeout=1, limits=limits) as c:
             assert (await c.get("/readyz")).status_code == 200
             task_status.started()
             while True:
@@ -400,7 +402,7 @@ async def roll(replica: Replica, haproxy: HAProxy, direct: httpx.AsyncClient) ->
         exit_code = await replica.wait_exit(EXIT_BUDGET - (time.monotonic() - sent))
         exited = time.monotonic()
         # The port closed by the exit at the latest; the probe's next attempt is refused.
-        with anyio.fail_after(2):
+        with anyio.fail_after(3):
             while probe.refused is None:  # noqa: ASYNC110
                 await anyio.sleep(0.01)
 
