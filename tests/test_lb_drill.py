@@ -451,10 +451,6 @@ def figures(server: str, load: Load, rolls: list[Roll]) -> str:
     return "\n".join(lines)
 
 
-def until_drain(server: str) -> pytest.MarkDecorator:
-    return pytest.mark.xfail(reason=f"drain under {server} not yet implemented", strict=True)
-
-
 # Each server as users run it: uvicorn and granian by default (granian's main process
 # supervises one worker); hypercorn with --workers 0, its one mode where the process that
 # serves takes the signal (its supervisor stops workers through an event: lifecycle warns).
@@ -462,8 +458,8 @@ def until_drain(server: str) -> pytest.MarkDecorator:
     ("server", "workers"),
     [
         pytest.param("uvicorn", None, id="uvicorn"),
-        pytest.param("hypercorn", 0, id="hypercorn-workers-0", marks=until_drain("hypercorn")),
-        pytest.param("granian", None, id="granian", marks=until_drain("granian")),
+        pytest.param("hypercorn", 0, id="hypercorn-workers-0"),
+        pytest.param("granian", None, id="granian"),
     ],
 )
 async def test_rolling_restart_behind_haproxy_loses_no_request(
