@@ -186,10 +186,11 @@ async def test_sigterm_drains_before_the_server_stops(start: object, name: str) 
             flipped = time.monotonic() - sent
         finally:
             gc.enable()
-        # From then on, for the rest of the delay: every new connection is accepted, fails
-        # readiness, passes liveness, and is served.
+        # From then on, for the rest of the delay (which began in the serving processes when
+        # readiness failed): every new connection is accepted, fails readiness, passes
+        # liveness, and is served.
         answers = []
-        while time.monotonic() - sent < reach + DRAIN_DELAY * 0.8:
+        while time.monotonic() - sent < flipped + DRAIN_DELAY * 0.8:
             answers.append(
                 (
                     (await client.get("/readyz")).status_code,
