@@ -354,7 +354,12 @@ class _BudgetLeft:
     def __init__(self, bounds: tuple[float, ...]) -> None:
         self.histogram = _Histogram(bounds)
 
-    def request_started(self, budget: float, client_budget: float | None) -> None:
+    def request_started(
+        self, scope: object, budget: float, client_budget: float | None
+    ) -> _BudgetLeft:
+        return self
+
+    def response_started(self, remaining: float, outcome: str) -> None:
         pass
 
     def request_finished(self, remaining: float, outcome: str) -> None:

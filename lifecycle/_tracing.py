@@ -28,7 +28,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import random
+import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping
 from contextvars import Token
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
@@ -71,6 +73,10 @@ TRACER_NAME = "lifecycle"
 """The instrumentation scope name of every span this library makes."""
 
 _INSTALL_HINT = "pip install 'anyio-lifecycle[tracing]'"
+_LOG = logging.getLogger("lifecycle.tracing")
+# How long the flush at the end of shutdown may take when shutdown has no timeout (the batch
+# span processor's own default export timeout).
+_FLUSH_TIMEOUT = 30.0
 
 
 def instrument_tracing(
@@ -124,6 +130,7 @@ def instrument_tracing(
         raise ValueError(f"health_runs must be 'changes' or 'all', not {health_runs!r}.")
     tracer = trace.get_tracer(TRACER_NAME, _version(), tracer_provider=tracer_provider)
     tracing = LifecycleTracing(lifecycle, tracer)
+    tracing._observer.provider = tracer_provider
     tracing._observer.every_health_run = health_runs == "all"
     attach(lifecycle, tracing._observer)
     return tracing
@@ -165,25 +172,48 @@ class LifecycleTracing:
 
 
 class _DeadlineAttributes:
-    """Puts a request's deadline on its span (the current one: a server instrumentation's)."""
+    """Puts each request's deadline on its server span.
 
-    def request_started(self, budget: float, client_budget: float | None) -> None:
+    The span is the one current as the request reaches the middleware: a server
+    instrumentation's (opentelemetry-instrumentation-asgi or -fastapi, FastAPI's own). Such
+    an instrumentation ends it on the response's final message, before the middleware
+    returns, so what is left of the budget is set as the response starts.
+    """
+
+    def request_started(
+        self, scope: object, budget: float, client_budget: float | None
+    ) -> _DeadlineSpan | None:
         from opentelemetry import trace
 
         span = trace.get_current_span()
-        if span.is_recording():
-            span.set_attribute("lifecycle.deadline.budget_ms", round(budget * 1000))
-            if client_budget is not None:
-                span.set_attribute(
-                    "lifecycle.deadline.client_budget_ms", round(client_budget * 1000)
-                )
+        if not span.is_recording():
+            return None
+        span.set_attribute("lifecycle.deadline.budget", budget)
+        if client_budget is not None:
+            span.set_attribute("lifecycle.deadline.client_budget", client_budget)
+        return _DeadlineSpan(span)
+
+
+class _DeadlineSpan:
+    """The server span of one request under a deadline."""
+
+    __slots__ = ("span",)
+
+    def __init__(self, span: Span) -> None:
+        self.span = span
+
+    def response_started(self, remaining: float, outcome: str) -> None:
+        self._set(remaining, outcome)
 
     def request_finished(self, remaining: float, outcome: str) -> None:
-        from opentelemetry import trace
+        # Still recording only when the response never completed (aborted, or no final
+        # message): then this is the outcome to keep.
+        self._set(remaining, outcome)
 
-        span = trace.get_current_span()
+    def _set(self, remaining: float, outcome: str) -> None:
+        span = self.span
         if span.is_recording():
-            span.set_attribute("lifecycle.deadline.remaining_ms", round(remaining * 1000))
+            span.set_attribute("lifecycle.deadline.remaining", remaining)
             span.set_attribute("lifecycle.deadline.outcome", outcome)
 
 
@@ -301,10 +331,13 @@ class _TracingObserver(Observer):
         # starts or stops.
         self.tokens: dict[str, Token[Context]] = {}
         self.every_health_run = False
+        self.provider: TracerProvider | None = None  # None: the global one
+        self.stopping_at = 0.0  # time.monotonic() when shutdown began
 
     # -- startup and shutdown ----------------------------------------------------------------
 
     def run_starting(self, lifecycle: Kernel) -> None:
+        self.stopping_at = time.monotonic()  # until shutdown (or a rollback) begins
         self.starts.clear()
         self.stops.clear()
         self.phases.clear()
@@ -320,9 +353,13 @@ class _TracingObserver(Observer):
             _fail(self.startup, error)
         self.startup.end()
         self.startup = None
+        if error is not None:  # rolled back: the process is likely to end
+            self._flush(lifecycle.shutdown_timeout)
 
     def run_stopping(self, lifecycle: Kernel) -> None:
         from opentelemetry.trace import set_span_in_context
+
+        self.stopping_at = time.monotonic()
 
         self.dependents = {name: [] for name in lifecycle.declared}
         for service in lifecycle.declared.values():
@@ -345,6 +382,45 @@ class _TracingObserver(Observer):
             )
         self.shutdown.end()
         self.shutdown = None
+        if self.startup is None:  # a rollback's is flushed once the startup span ends
+            self._flush(lifecycle.shutdown_timeout)
+
+    def _flush(self, shutdown_timeout: float | None) -> None:
+        """Export the spans the provider's processors still hold, within the shutdown budget.
+
+        The end of the lifespan is the last moment spans are sure to leave: uvicorn ends the
+        process by raising SIGTERM again once the lifespan is done, so the batch processor's
+        own flush at exit never runs. The flush blocks the event loop, which has nothing
+        left to serve by then.
+        """
+        from opentelemetry import trace
+
+        provider = self.provider if self.provider is not None else trace.get_tracer_provider()
+        force_flush = getattr(provider, "force_flush", None)  # an SDK provider has it
+        if not callable(force_flush):
+            return
+        if shutdown_timeout is None:
+            budget = _FLUSH_TIMEOUT
+        else:
+            budget = shutdown_timeout - (time.monotonic() - self.stopping_at)
+        if budget <= 0:
+            _LOG.warning(
+                "Spans still buffered by the tracer provider were not flushed: the "
+                "shutdown_timeout of %ss was spent; they may be lost.",
+                shutdown_timeout,
+            )
+            return
+        try:
+            flushed = force_flush(max(1, int(budget * 1000)))
+        except Exception:
+            _LOG.exception("Flushing the tracer provider's spans at shutdown failed.")
+            return
+        if flushed is False:
+            _LOG.warning(
+                "The tracer provider did not flush its spans within %.3fs (what was left of "
+                "the shutdown budget); some may be lost.",
+                budget,
+            )
 
     # -- each service, in its host task ------------------------------------------------------
 
