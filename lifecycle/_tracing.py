@@ -22,6 +22,10 @@ Failures set the span's status to ``ERROR`` and record the exception. A job, per
 health-check run cut off by its own timeout records a `TimeoutError` (the pool counts the job
 failed with one; the periodic job or check counts a timeout); any other cancellation sets
 ``ERROR`` with the description ``cancelled``.
+
+Attributes follow OpenTelemetry's naming conventions (``lifecycle.<thing>.name``, durations
+in seconds as floats under ``.duration`` names); the README lists each one. At the end of
+shutdown the tracer provider is flushed, within what is left of the shutdown budget.
 """
 
 from __future__ import annotations
@@ -343,7 +347,7 @@ class _TracingObserver(Observer):
         self.phases.clear()
         self.shutdown = None
         self.startup = self.tracer.start_span(
-            "lifecycle startup", attributes={"lifecycle.services": len(lifecycle.declared)}
+            "lifecycle startup", attributes={"lifecycle.service.count": len(lifecycle.declared)}
         )
 
     def run_started(self, lifecycle: Kernel, error: BaseException | None) -> None:
@@ -465,7 +469,10 @@ class _TracingObserver(Observer):
             f"{phase} {service.name}",
             context=set_span_in_context(parent) if parent is not None else None,
             links=[Link(link) for link in links],
-            attributes={"lifecycle.service": service.name, "lifecycle.internal": service.internal},
+            attributes={
+                "lifecycle.service.name": service.name,
+                "lifecycle.service.internal": service.internal,
+            },
         )
         current = self.phases.get(service.name)
         if current is None:
@@ -504,7 +511,7 @@ class _TracingObserver(Observer):
     def background_task(self, task: BackgroundTask) -> TaskObserver:
         links = self._links_to_start(task.service)
         return _TracedTask(
-            self.tracer, f"restart {task.name}", {"lifecycle.task": task.name}, links
+            self.tracer, f"restart {task.name}", {"lifecycle.task.name": task.name}, links
         )
 
     def periodic_job(self, job: PeriodicJob) -> TaskObserver:
@@ -543,7 +550,7 @@ class _TracedJobs(JobObserver):
         # This runs in the submitter's copied context: the current span is the submitter's.
         span = self.tracer.start_span(
             self.name,
-            attributes={"lifecycle.pool": self.pool, "lifecycle.job.wait_seconds": waited},
+            attributes={"lifecycle.pool.name": self.pool, "lifecycle.job.wait.duration": waited},
         )
         # Inside the job's timeout scope now: a nearer deadline than ``around`` is the job's.
         deadline = anyio.current_effective_deadline()
@@ -590,11 +597,11 @@ class _TracedTask(TaskObserver):
     def restarting(self, restart: int, delay: float, error: str | None) -> Iterator[object]:
         attributes = {
             **self.attributes,
-            "lifecycle.restart": restart,
-            "lifecycle.backoff_seconds": delay,
+            "lifecycle.restart.count": restart,
+            "lifecycle.restart.backoff.duration": delay,
         }
         if error is not None:
-            attributes["lifecycle.error"] = error
+            attributes["lifecycle.restart.cause"] = error
         with _current(self._start(attributes)) as span:
             yield span
 
@@ -610,7 +617,9 @@ class _TracedRun(_TracedTask):
     """The runs of a periodic job, which its ``timeout`` may cut off."""
 
     def __init__(self, tracer: Tracer, job: PeriodicJob, links: list[Link]) -> None:
-        super().__init__(tracer, f"periodic {job.name}", {"lifecycle.job": job.name}, links)
+        super().__init__(
+            tracer, f"periodic {job.name}", {"lifecycle.periodic.name": job.name}, links
+        )
         self.job = job
 
     def _timeout(self) -> Callable[[], TimeoutError | None] | None:
@@ -636,7 +645,9 @@ class _TracedCheck(_TracedTask):
     def __init__(
         self, tracer: Tracer, check: HealthCheck, links: list[Link], *, every_run: bool
     ) -> None:
-        super().__init__(tracer, f"health {check.name}", {"lifecycle.check": check.name}, links)
+        super().__init__(
+            tracer, f"health {check.name}", {"lifecycle.check.name": check.name}, links
+        )
         self.check = check
         self.every_run = every_run
         self.failing: bool | None = None  # how the last run went; None before the first

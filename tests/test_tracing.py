@@ -116,7 +116,7 @@ async def test_start_and_stop_spans_follow_the_dependency_graph(spans: Spans) ->
     assert startup.parent is None
     assert shutdown.parent is None
     assert startup.attributes is not None
-    assert startup.attributes["lifecycle.services"] == 4
+    assert startup.attributes["lifecycle.service.count"] == 4
     start = {name: spans.one(f"start {name}") for name in ("settings", "db", "cache", "api")}
     stop = {name: spans.one(f"stop {name}") for name in ("settings", "db", "cache", "api")}
     for name in start:
@@ -124,7 +124,7 @@ async def test_start_and_stop_spans_follow_the_dependency_graph(spans: Spans) ->
         assert trace_id(start[name]) == trace_id(startup)
         assert parent_of(stop[name]) == span_id(shutdown)
         assert start[name].attributes is not None
-        assert start[name].attributes["lifecycle.service"] == name
+        assert start[name].attributes["lifecycle.service.name"] == name
         assert start[name].status.status_code is StatusCode.UNSET
     # Starts link to the starts of their dependencies ...
     assert linked(start["settings"]) == set()
@@ -324,8 +324,8 @@ async def test_a_job_is_a_child_of_the_request_that_submitted_it(spans: Spans) -
     assert parent_of(job) == span_id(request)
     assert trace_id(job) == trace_id(request)
     assert job.attributes is not None
-    assert job.attributes["lifecycle.pool"] == "index"
-    wait = job.attributes["lifecycle.job.wait_seconds"]
+    assert job.attributes["lifecycle.pool.name"] == "index"
+    wait = job.attributes["lifecycle.job.wait.duration"]
     assert isinstance(wait, float)
     assert wait >= 0
     assert job.status.status_code is StatusCode.UNSET
@@ -423,10 +423,13 @@ async def test_restarts_and_periodic_runs_are_traces_linked_to_their_service(
         assert restart.parent is None
         assert linked(restart) == {span_id(start_listener)}
         assert restart.attributes is not None
-        assert restart.attributes["lifecycle.task"] == "listener"
-        assert restart.attributes["lifecycle.restart"] == number
-        assert restart.attributes["lifecycle.error"] == f"ConnectionError: lost connection {number}"
-        backoff = restart.attributes["lifecycle.backoff_seconds"]
+        assert restart.attributes["lifecycle.task.name"] == "listener"
+        assert restart.attributes["lifecycle.restart.count"] == number
+        assert (
+            restart.attributes["lifecycle.restart.cause"]
+            == f"ConnectionError: lost connection {number}"
+        )
+        backoff = restart.attributes["lifecycle.restart.backoff.duration"]
         assert isinstance(backoff, float)
         assert 0 <= backoff <= 0.001 * 2 ** (number - 1)
 
@@ -456,7 +459,7 @@ async def test_the_observer_side_of_health_check_spans(spans: Spans) -> None:
     run = spans.one("health database")
     assert run.parent is None
     assert run.attributes is not None
-    assert run.attributes["lifecycle.check"] == "database"
+    assert run.attributes["lifecycle.check.name"] == "database"
     assert run.status.description == "ConnectionError: database is down"
 
 
