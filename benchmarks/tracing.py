@@ -10,9 +10,10 @@ each request sent ``x-request-timeout-ms: 5000``:
   (budget when the request starts, what is left and the outcome as the response starts).
 
 Each request runs in a fresh task and a fresh context, as uvicorn runs it. The variants
-alternate in short rounds (this machine's speed drifts within seconds); the median of the paired per-request differences is printed with
-the interquartile range, and the ratio of the medians. The instrumentation itself costs far
-more than either (it is in both): the difference is lifecycle's share.
+alternate in short rounds (this machine's speed drifts within seconds); the median of the
+paired per-request differences is printed with the interquartile range, and the ratio of
+the medians. The instrumentation itself costs far more than either (it is in both): the
+difference is lifecycle's share.
 
 Run: ``.venv/bin/python benchmarks/tracing.py`` (``--rounds``/``--requests`` to change the
 sample).
