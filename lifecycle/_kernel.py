@@ -2099,6 +2099,11 @@ def _unwrap(exc: BaseException) -> BaseException:
     return exc
 
 
+def _sentence(text: str) -> str:
+    """``text`` ended with a full stop, unless the error message it ends with has one."""
+    return text if text.endswith((".", "!", "?")) else f"{text}."
+
+
 def _startup_error(
     failures: dict[str, BaseException],
     cancelled: list[str],
@@ -2111,9 +2116,12 @@ def _startup_error(
         parts = [f"Startup interrupted by {interrupted_by}."]
     else:
         parts = [
-            "Startup failed: "
-            + "; ".join(f"service {name!r} {_what_failed(exc)}" for name, exc in failures.items())
-            + "."
+            _sentence(
+                "Startup failed: "
+                + "; ".join(
+                    f"service {name!r} {_what_failed(exc)}" for name, exc in failures.items()
+                )
+            )
         ]
     if cancelled:
         parts.append("Cancelled while starting: " + ", ".join(repr(n) for n in cancelled) + ".")
@@ -2123,9 +2131,10 @@ def _startup_error(
         parts.append("Nothing had started, so nothing was rolled back.")
     if rollback_errors:
         parts.append(
-            "Rollback cleanups that failed: "
-            + "; ".join(f"{n!r}: {describe(e)}" for n, e in rollback_errors.items())
-            + "."
+            _sentence(
+                "Rollback cleanups that failed: "
+                + "; ".join(f"{n!r}: {describe(e)}" for n, e in rollback_errors.items())
+            )
         )
     error = StartupError(
         " ".join(parts),

@@ -335,11 +335,17 @@ def metrics_route(registry: CollectorRegistry | None = None, *, path: str = "/me
 
     The exposition format follows the scraper's ``Accept`` header (the Prometheus text
     format, or OpenMetrics when asked for), ``?name[]=...`` restricts the answer to some
-    metrics, and every answer carries ``Cache-Control: no-store``. Pair it with
-    `lifecycle.instrument_metrics`::
+    metrics, the body is gzipped when the scraper accepts it (Prometheus does), and every
+    answer carries ``Cache-Control: no-store``; prometheus-client's own exposition helpers
+    do the work. Pair it with `lifecycle.instrument_metrics`::
 
         metrics = lifecycle.instrument_metrics(lc, registry=registry)
         app = Starlette(lifespan=lc.lifespan, routes=[metrics_route(registry)])
+
+    In prometheus-client's multiprocess mode (``PROMETHEUS_MULTIPROC_DIR`` set, as under
+    ``uvicorn --workers N``) and without a ``registry``, it serves what every process wrote
+    to that directory, merged, after writing this process's current values: one scrape sees
+    every worker.
 
     The default exempt paths of `lifecycle.DeadlineMiddleware` and
     `lifecycle.ConcurrencyLimitMiddleware` include ``/metrics``, so a saturated service still
@@ -347,7 +353,7 @@ def metrics_route(registry: CollectorRegistry | None = None, *, path: str = "/me
 
     Args:
         registry: The registry to serve; ``None`` for prometheus-client's default
-            ``REGISTRY``.
+            ``REGISTRY``, or in multiprocess mode the merged view of every process.
         path: Where to mount the route.
 
     Returns:
@@ -356,19 +362,41 @@ def metrics_route(registry: CollectorRegistry | None = None, *, path: str = "/me
     Raises:
         ImportError: prometheus-client is not installed
             (``pip install 'anyio-lifecycle[metrics]'``).
+        ValueError: ``PROMETHEUS_MULTIPROC_DIR`` names no directory.
     """
-    from ._metrics import require_prometheus
+    from ._metrics import multiprocess_directory, refresh_multiprocess, require_prometheus
 
     require_prometheus()
-    from prometheus_client import REGISTRY
-    from prometheus_client.exposition import choose_encoder
+    import gzip
 
-    source = registry if registry is not None else REGISTRY
+    from prometheus_client import REGISTRY, CollectorRegistry
+    from prometheus_client.exposition import choose_encoder, gzip_accepted
+
+    directory = multiprocess_directory() if registry is None else None
+
+    def source() -> CollectorRegistry:
+        if directory is None:
+            return registry if registry is not None else REGISTRY
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        refresh_multiprocess()
+        merged = CollectorRegistry()
+        MultiProcessCollector(merged, path=directory)  # type: ignore[no-untyped-call]
+        return merged
 
     async def metrics(request: Request) -> Response:
         encoder, content_type = choose_encoder(request.headers.get("accept", ""))
         names = request.query_params.getlist("name[]")
-        body = encoder(source.restricted_registry(names) if names else source)
-        return Response(body, headers={"Content-Type": content_type, "Cache-Control": "no-store"})
+        served = source()
+        body = encoder(served.restricted_registry(names) if names else served)
+        headers = {
+            "Content-Type": content_type,
+            "Cache-Control": "no-store",
+            "Vary": "Accept-Encoding",
+        }
+        if gzip_accepted(request.headers.get("accept-encoding", "")):
+            body = gzip.compress(body)
+            headers["Content-Encoding"] = "gzip"
+        return Response(body, headers=headers)
 
     return Route(path, metrics, methods=["GET"], name="lifecycle_metrics")
