@@ -6,7 +6,9 @@ The example app runs on its embedded defaults (SQLite, an in-process cache): no 
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -46,8 +48,9 @@ def processes() -> Iterator[list[Process]]:
     started: list[Process] = []
     yield started
     for process in started:
-        if process.process.poll() is None:
-            process.process.kill()
+        # The whole process group: uvicorn --workers leaves its workers behind otherwise.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.process.pid, signal.SIGKILL)
         process.process.wait(timeout=10)
 
 
@@ -59,6 +62,7 @@ def start(processes: list[Process], command: list[str], log: Path, url: str, **e
             env={**os.environ, "PYTHONUNBUFFERED": "1", **env},
             stdout=sink,
             stderr=subprocess.STDOUT,
+            start_new_session=True,  # a group of its own, its workers included
         )
     process = Process(popen, log, url)
     processes.append(process)

@@ -9,6 +9,7 @@ worker), granian (one and two workers, on uvloop and asyncio) and daphne (no lif
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import re
@@ -135,7 +136,7 @@ def start(tmp_path: Path) -> Iterator[object]:
 
     yield run
     for server in started:
-        if server.process.poll() is None:
+        with contextlib.suppress(ProcessLookupError):  # the whole group, workers included
             os.killpg(server.process.pid, signal.SIGKILL)
         server.process.wait(timeout=10)
 
