@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import threading
 import time
 from collections.abc import AsyncIterator, Sequence
 
@@ -123,14 +124,15 @@ class SignalDrain:
         if error is not None or self._requested is None:
             return
         hold = SignalHold(self.signals, self._on_signal)
-        if not hold.install():
+        if not hold.install() and threading.current_thread() is not threading.main_thread():
             logger.warning(
                 "drain_delay is set, but the lifespan runs outside the main thread, where "
                 "signal handlers cannot be installed: the drain will not be signal-driven. "
                 "Begin it from a preStop hook instead (lifecycle.starlette.drain_route)."
             )
             return
-        self._hold = hold
+        if hold.held:
+            self._hold = hold
         warning = supervisor_warning()
         if warning is not None:
             logger.warning(warning)

@@ -1117,8 +1117,8 @@ class _Run:
         # than wait for the server to notice after the startup (or its timeout) ends. The
         # signal is then handed on to the server (or to Python's default), which stops.
         hold = self.startup_hold = SignalHold((signal.SIGINT, signal.SIGTERM), self._interrupt)
-        hold.install()  # a no-op outside the main thread, where no signal arrives anyway
         try:
+            hold.install()  # a no-op outside the main thread, where no signal arrives anyway
             await self._start(task_group)
         finally:
             self._end_startup_hold()
@@ -1142,8 +1142,9 @@ class _Run:
         name = signal.Signals(signum).name
         if self.interrupted is not None:
             logger.warning("%s received again: handing it on, not waiting for the rollback.", name)
-            if self.startup_hold is not None:
-                self.startup_hold.forward(signum)
+            hold, self.startup_hold = self.startup_hold, None  # and the first one is not
+            if hold is not None:
+                hold.forward(signum)
             return
         self.interrupted = signum
         logger.warning(
@@ -1244,10 +1245,11 @@ class _Run:
         if not failures:
             self.started_ok = True
             self._log_started()
-            # A signal that arrived as the last service started is the server's to act on.
-            self._end_startup_hold()
-            if observers:
+            if observers:  # the drain holds the signals from here (before this hold ends)
                 observers.call("run_started", self.kernel, None)
+            # A signal that arrived as the last service started goes to whoever holds the
+            # signals now (the drain), or to the server.
+            self._end_startup_hold()
             return
 
         cancelled = [n for n, r in self.records.items() if r.state is ServiceState.STARTING]

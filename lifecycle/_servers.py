@@ -1,9 +1,9 @@
 """What lifecycle knows of the ASGI server that runs it, and of that server's supervisor.
 
-Each server is told apart by the modules its process imported; a supervisor, by
-`multiprocessing.parent_process` (uvicorn ``--workers``, hypercorn and granian spawn their
-workers with `multiprocessing`) or by the server (gunicorn forks its workers). What each
-server does on SIGTERM, read from its source:
+Each server is told apart by its command and the modules its process imported; a supervisor,
+by `multiprocessing.parent_process` (uvicorn ``--workers``, hypercorn and granian spawn their
+workers with `multiprocessing`; gunicorn forks its own) and the parent's command line. What
+each server does on SIGTERM, read from its source:
 
 - uvicorn: Python-level handlers; its ``--workers`` supervisor passes SIGTERM to each worker.
 - hypercorn: event-loop handlers with ``--workers 0``; otherwise (its default is one worker)
@@ -21,6 +21,7 @@ import multiprocessing
 import os
 import signal
 import sys
+from pathlib import Path
 
 __all__ = [
     "no_lifespan_message",
@@ -62,15 +63,33 @@ def serving_server() -> str | None:
 
 
 def _supervisor_pid() -> int | None:
-    """The pid of the server's supervisor process, when this process is one of its workers."""
+    """The pid of the server's supervisor, when this process is one of its workers.
+
+    The parent process counts only when it runs that same server (its command line, read
+    from /proc, names it): any process may start a server as a child of its own (a launcher,
+    a test), and must not be told to stop in its place.
+    """
     server = serving_server()
-    if server in ("uvicorn", "hypercorn", "granian"):
-        parent = multiprocessing.parent_process()
-        if parent is not None and parent.pid == os.getppid():
-            return parent.pid
-    elif server == "gunicorn" and os.getppid() != 1:
-        return os.getppid()
-    return None
+    if server not in ("uvicorn", "hypercorn", "granian", "gunicorn"):
+        return None
+    if server != "gunicorn" and multiprocessing.parent_process() is None:
+        return None  # uvicorn, hypercorn and granian spawn their workers with multiprocessing
+    parent = os.getppid()
+    return parent if parent > 0 and _runs(parent, server) else None
+
+
+def _runs(pid: int, server: str) -> bool:
+    """Whether process ``pid``'s command line names ``server`` (False where it is unknown)."""
+    try:
+        arguments = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False  # not Linux: a parent that cannot be told apart is never signalled
+    for raw in arguments:
+        argument = raw.decode(errors="replace")
+        name = os.path.basename(argument)
+        if name == server or argument.startswith(f"{server}:"):  # gunicorn: "gunicorn: master"
+            return True
+    return False
 
 
 def supervisor_warning() -> str | None:

@@ -314,3 +314,137 @@ def test_under_trio_the_drain_hands_sigint_to_trio_as_keyboardinterrupt() -> Non
         "body cancelled; draining: True",
         "KeyboardInterrupt after the drain",
     ], done.stdout + done.stderr
+
+
+# -- holds that overlap, hand over, or cannot hold --------------------------------------------
+
+
+class SignalOnStarted(logging.Handler):
+    """Raises SIGTERM while the kernel logs that the startup is done: its last moment."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage().startswith("Started"):
+            signal.raise_signal(signal.SIGTERM)
+
+
+@pytest.mark.parametrize("drain_delay", [0.0, 0.3])
+async def test_a_signal_as_the_startup_ends_is_never_lost(
+    python_server: PythonServer, drain_delay: float
+) -> None:
+    """It goes to whoever holds the signals when it is handled: the drain, or the server."""
+    handler = SignalOnStarted()
+    logger = logging.getLogger("lifecycle")
+    logger.addHandler(handler)
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        lc = Lifecycle(drain_delay=drain_delay)
+        async with lc.run():
+            await wait_for(lambda: lc.draining or python_server.calls)
+            assert lc.draining is (drain_delay > 0)
+            await wait_for(lambda: python_server.calls)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    assert python_server.calls == [signal.SIGTERM]
+
+
+@pytest.mark.parametrize("anyio_backend", ASYNCIO_LOOPS)
+async def test_overlapping_runs_give_every_signal_back_to_the_server(
+    loop_server: LoopServer,
+) -> None:
+    """Two Lifecycles whose runs end out of order: afterwards the server has its signals,
+    the loop its wakeup fd, and a SIGUSR1 of the loop's own still reaches it."""
+    original = signal.set_wakeup_fd(-1)
+    signal.set_wakeup_fd(original)
+    a, b = Lifecycle(drain_delay=5), Lifecycle(drain_delay=5)
+    b_up, a_done = anyio.Event(), anyio.Event()
+
+    async def run_a() -> None:
+        async with a.run():
+            await b_up.wait()
+        a_done.set()
+
+    async def run_b() -> None:
+        async with b.run():
+            b_up.set()
+            signal.raise_signal(signal.SIGUSR1)  # relayed while both hold
+            await wait_for(lambda: loop_server.calls)
+            await a_done.wait()  # a stops first
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(run_a)
+        await anyio.sleep(0.05)
+        tg.start_soon(run_b)
+    assert loop_server.calls == [signal.SIGUSR1]
+    assert signal.set_wakeup_fd(original) == original
+    signal.raise_signal(signal.SIGTERM)
+    await wait_for(lambda: len(loop_server.calls) == 2)
+    assert loop_server.calls == [signal.SIGUSR1, signal.SIGTERM]
+
+
+async def test_a_nested_runs_signal_goes_to_the_outer_drain(python_server: PythonServer) -> None:
+    outer = Lifecycle(drain_delay=0.2)
+    started: list[str] = []
+    inner = hanging_app(started, [])
+
+    async def interrupt() -> None:
+        await wait_for(lambda: started)
+        signal.raise_signal(signal.SIGTERM)
+
+    async with outer.run():
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(interrupt)
+            with pytest.raises(StartupError, match="interrupted by SIGTERM"):
+                async with inner.run():
+                    pass
+        # The inner startup took it first, then handed it on to the outer run's drain.
+        await wait_for(lambda: outer.draining)
+        assert python_server.calls == []
+        await wait_for(lambda: python_server.calls)
+    assert python_server.calls == [signal.SIGTERM]
+
+
+async def test_an_ignored_signal_stays_ignored(python_server: PythonServer) -> None:
+    """hypercorn's supervisor starts its workers with SIGINT ignored: so it stays."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        lc = Lifecycle(drain_delay=0.2)
+        async with lc.run():
+            assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+            signal.raise_signal(signal.SIGTERM)
+            await wait_for(lambda: python_server.calls)
+        assert python_server.calls == [signal.SIGTERM]  # not swapped for the ignored SIGINT
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+class NoReaderLoop(asyncio.SelectorEventLoop):
+    """A loop that cannot watch sockets, as Windows' proactor loop cannot."""
+
+    def add_reader(self, *args: object) -> None:  # type: ignore[override]
+        raise NotImplementedError
+
+
+def test_a_loop_without_add_reader_still_holds_and_restores(python_server: PythonServer) -> None:
+    lc = Lifecycle(drain_delay=0.1)
+
+    async def main() -> None:
+        async with lc.run():
+            signal.raise_signal(signal.SIGTERM)
+            await wait_for(lambda: python_server.calls)
+            assert lc.draining
+
+    with asyncio.Runner(loop_factory=NoReaderLoop) as runner:
+        runner.run(main())
+    assert python_server.calls == [signal.SIGTERM]
+    assert signal.getsignal(signal.SIGTERM) == python_server.handle
+
+
+def test_only_a_parent_that_runs_the_server_counts_as_its_supervisor() -> None:
+    import os
+
+    assert servers._runs(os.getpid(), "pytest")  # this process runs pytest (python -m pytest)
+    assert not servers._runs(os.getpid(), "uvicorn")
+    assert not servers._runs(2**22 + 12345, "uvicorn")  # no such process
+    assert servers._supervisor_pid() is None  # pytest's parent is no server
