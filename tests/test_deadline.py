@@ -1265,9 +1265,9 @@ async def test_without_header_default_or_route_timeout_the_request_passes_straig
     opened: list[float] = []
     real_open = _deadline._open_scope
 
-    def counting_open(loop: Any, deadline: float) -> Any:
+    def counting_open(loop: Any, deadline: float, now: float) -> Any:
         opened.append(deadline)
-        return real_open(loop, deadline)
+        return real_open(loop, deadline, now)
 
     monkeypatch.setattr(_deadline, "_open_scope", counting_open)
     received_send: list[Any] = []
