@@ -371,8 +371,13 @@ try:
     from anyio._backends._asyncio import CancelScope as _AsyncioCancelScope
     from anyio._backends._asyncio import TaskState as _TaskState
     from anyio._backends._asyncio import _task_states
-except ImportError:  # pragma: no cover - anyio reorganised its backends; fall back below
-    _LEAN_SCOPE_IMPORTABLE = False
+
+    # The plain dict behind anyio's weak mapping of task states, and its removal callback:
+    # WeakKeyDictionary's own methods cost a Python call each.
+    _task_data = _task_states.data  # type: ignore[attr-defined]
+    _drop_task_state = _task_states._remove  # type: ignore[attr-defined]
+except (ImportError, AttributeError):  # pragma: no cover - anyio reorganised its backends
+    _LEAN_SCOPE_IMPORTABLE = False  # the self-test fails and plain scopes are used
 else:
     _LEAN_SCOPE_IMPORTABLE = True
 
@@ -387,10 +392,6 @@ _new_object = object.__new__
 
 
 if TYPE_CHECKING or _LEAN_SCOPE_IMPORTABLE:
-    # The plain dict behind anyio's weak mapping of task states, and its removal callback:
-    # WeakKeyDictionary's own methods cost a Python call each.
-    _task_data = _task_states.data  # type: ignore[attr-defined]
-    _drop_task_state = _task_states._remove  # type: ignore[attr-defined]
 
     class _LeanScope(_AsyncioCancelScope):
         """anyio's asyncio cancel scope, made cheap where a request opens it: at the root.
