@@ -842,6 +842,59 @@ class _RequestState(_DeadlineView):
             self.deadline = None
             self.scope.deadline = math.inf
 
+    def end(self) -> None:
+        """The request is over: drop its deadline, and what it holds of the request.
+
+        Copies of the request's context outlive it (a worker thread, a task, and the
+        server's keep-alive timer: uvicorn arms it in the last ``send``, and asyncio keeps
+        a cancelled timer, with its context, until it cleans its timer heap up). Through
+        them this state outlives the request too; holding the server's ``send`` and the
+        cancel scope, it would keep the request's objects alive for the collector to
+        promote and sweep again and again.
+        """
+        self.deadline = None
+        self.server_send = None
+        self.scope = _ENDED_SCOPE
+
+
+class _EndedScope:
+    """What an ended request's state holds instead of its cancel scope: changes nothing."""
+
+    __slots__ = ()
+
+    @property
+    def deadline(self) -> float:
+        return math.inf
+
+    @deadline.setter
+    def deadline(self, value: float) -> None:
+        pass
+
+    @property
+    def cancel_called(self) -> bool:
+        return False
+
+    @property
+    def cancelled_caught(self) -> bool:
+        return False
+
+    def cancel(self) -> None:
+        pass
+
+    def __enter__(self) -> Any:
+        raise RuntimeError("The request has ended; its cancel scope cannot be entered.")
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_val: BaseException | None,
+        exc_tb: TracebackType | None,
+    ) -> None:
+        return None
+
+
+_ENDED_SCOPE: Final = _EndedScope()
+
 
 class _PassThrough(_DeadlineView):
     """What code sees of a request that `DeadlineMiddleware` passed through: no deadline.
@@ -1056,7 +1109,7 @@ async def _run_route_lazily(
         raised = _first_leaf(matched)
     finally:
         current_request.reset(token)
-        state.deadline = None
+        state.end()
         if cancel_scope.cancelled_caught or raised is not None:
             reason = state.upstream_expiry or (
                 str(raised) if raised is not None else f"the route's {seconds:g} s timeout"
@@ -1451,8 +1504,8 @@ class DeadlineMiddleware:
                 for observer in watching:
                     observer.request_finished(given - ended, "expired" if expired else "completed")
             # Work that outlives the request with a copy of its context (threads, tasks) no
-            # longer sees its deadline.
-            state.deadline = None
+            # longer sees its deadline, nor keeps the request alive.
+            state.end()
 
     async def _reject_early(self, send: Send, budget: float) -> None:
         self._rejected_early += 1
