@@ -1364,6 +1364,41 @@ def test_a_fast_scope_that_anyio_no_longer_agrees_with_falls_back_to_plain_scope
     assert slow_status == 504
 
 
+async def test_a_copy_of_the_context_that_outlives_the_request_keeps_nothing_of_it_alive() -> None:
+    # uvicorn arms its keep-alive timer in the last send, so the timer keeps a copy of the
+    # request's context, and asyncio keeps that (cancelled) timer until it cleans its heap
+    # up: that copy must not keep the request's objects alive (for the collector to sweep).
+    async def endpoint(request: Request) -> Response:
+        return PlainTextResponse("ok")
+
+    app = wrap([Route("/", endpoint)], default_timeout=5.0)
+    kept: list[contextvars.Context] = []
+
+    class ServerSend:
+        async def __call__(self, message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.body":
+                kept.append(contextvars.copy_context())  # as the keep-alive timer does
+
+    async def serve() -> weakref.ref[Any]:
+        server_send = ServerSend()
+        scope = {"type": "http", "method": "GET", "path": "/", "root_path": "", "headers": []}
+        scope |= {"query_string": b"", "scheme": "http", "server": ("t", 80)}
+
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        await app(scope, receive, server_send)
+        return weakref.ref(server_send)
+
+    server_send = await in_server_task(serve)
+    assert server_send() is None  # freed as soon as the request was: nothing held it
+    (context,) = kept
+    state = context[_deadline.current_request]
+    assert isinstance(state, _deadline._RequestState)
+    assert state.deadline is None  # and what it sees in a thread: no deadline
+    assert state.scope is _deadline._ENDED_SCOPE
+
+
 # -- 9. the pass-through ----------------------------------------------------------------------
 
 
