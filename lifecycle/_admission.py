@@ -12,6 +12,7 @@ import logging
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Protocol
 
 import anyio
 
@@ -30,6 +31,24 @@ from ._validate import count, seconds
 __all__ = ["OVERLOADED_TYPE", "AdmissionStatistics", "ConcurrencyLimitMiddleware"]
 
 _LOG = logging.getLogger("lifecycle.admission")
+
+
+class _AdmissionObserver(Protocol):
+    """What metrics watch of each request a `ConcurrencyLimitMiddleware` handles."""
+
+    def request_ended(self, scope: Scope, root_path: str, outcome: str) -> None:
+        """The request was answered, with ``outcome``.
+
+        ``outcome`` is ``"admitted"`` (at once), ``"waited"`` (admitted after waiting for a
+        slot) or ``"rejected"`` (answered 503). Called once the application returns (routing
+        has filled in ``scope``), or after the 503; ``root_path`` is the request's as it
+        reached the middleware.
+        """
+
+
+# Process-wide, like `lifecycle._deadline.observers`: `instrument_metrics` appends to it.
+observers: list[_AdmissionObserver] = []
+"""What watches every admitted or rejected request; empty by default: nothing per request."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,12 +156,19 @@ class ConcurrencyLimitMiddleware:
             await self.app(scope, receive, send)
             return
 
+        waited = False
         if self._free:
             self._free -= 1
         elif not await self._wait_for_slot():
             await self._reject(scope, send)
+            if observers:
+                for observer in observers:
+                    observer.request_ended(scope, scope.get("root_path", ""), "rejected")
             return
+        else:
+            waited = True
 
+        root_path = scope.get("root_path", "") if observers else ""
         self._admitted += 1
         self._in_flight += 1
         try:
@@ -150,6 +176,10 @@ class ConcurrencyLimitMiddleware:
         finally:
             self._in_flight -= 1
             self._release()
+            if observers:
+                outcome = "waited" if waited else "admitted"
+                for observer in observers:
+                    observer.request_ended(scope, root_path, outcome)
 
     def _release(self) -> None:
         """Give a slot back: to the first request in line, else to the free ones."""

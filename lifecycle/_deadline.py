@@ -125,23 +125,83 @@ _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9a-z-]+")
 class _DeadlineObserver(Protocol):
     """What metrics and tracing watch of each request that runs under a deadline."""
 
-    def request_started(self, budget: float, client_budget: float | None) -> None:
-        """The request starts with ``budget`` seconds (after clamping); it is current here."""
+    def request_started(
+        self, scope: Scope, budget: float, client_budget: float | None
+    ) -> _RequestObserver | None:
+        """The request starts with ``budget`` seconds (after clamping).
+
+        Called in the request's context, before the application: a server instrumentation's
+        span is the current one here. Returns what watches this one request, or ``None`` to
+        let it go unwatched.
+        """
+
+
+class _RequestObserver(Protocol):
+    """What watches one request's deadline; see `_DeadlineObserver.request_started`."""
+
+    def response_started(self, remaining: float, outcome: str) -> None:
+        """The response is about to start, with ``remaining`` seconds left.
+
+        Called just before ``http.response.start`` reaches the server, the middleware's own
+        504 included: the last moment at which a server instrumentation's span surely still
+        records (instrumentations end it on the response's final message, before the
+        middleware returns). ``outcome`` is ``"expired"`` for that 504, else ``"completed"``
+        (so far: the response may still be aborted).
+        """
 
     def request_finished(self, remaining: float, outcome: str) -> None:
         """The request ended with ``remaining`` seconds left (negative: overran).
 
         ``remaining`` is measured against the deadline in force at the end: its route's own
         (`request_timeout`) if it set one. Not called when the route lifted the deadline
-        (``request_timeout(None)``). ``outcome`` is ``"completed"`` or ``"expired"``.
+        (``request_timeout(None)``). ``outcome`` is ``"completed"``, ``"expired"`` (answered
+        504) or ``"aborted"`` (the deadline passed after the response started).
         """
+
+
+class _Watched:
+    """The observers of one request, made only when there are observers.
+
+    Its `send` wraps the server's, to tell them when the response starts.
+    """
+
+    __slots__ = ("expired", "loop", "observers", "server_send", "state")
+
+    def __init__(
+        self,
+        observers: list[_RequestObserver],
+        server_send: Send,
+        loop: asyncio.AbstractEventLoop | None,
+    ) -> None:
+        self.observers = observers
+        self.server_send = server_send
+        self.loop = loop
+        self.state: _RequestState | None = None
+        self.expired = False  # set before the middleware answers its own 504
+
+    def remaining(self) -> float | None:
+        state = self.state
+        given = None if state is None else state.given_deadline
+        if given is None:
+            return None
+        loop = self.loop
+        return given - (loop.time() if loop is not None else _trio_time())
+
+    async def send(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            left = self.remaining()
+            if left is not None:
+                outcome = "expired" if self.expired else "completed"
+                for observer in self.observers:
+                    observer.response_started(left, outcome)
+        await self.server_send(message)
 
 
 # Process-wide, like the middleware itself (which knows no Lifecycle): added to by
 # `instrument_metrics` and `instrument_tracing`; empty, it costs one test per request.
 observers: list[_DeadlineObserver] = []
 """What watches every request's deadline (metrics and tracing append to it); each is called
-as a request with a deadline ends. Empty by default: nothing per request then."""
+as a request with a deadline starts. Empty by default: nothing per request then."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -1463,12 +1523,14 @@ class DeadlineMiddleware:
             cancel_scope = _open_scope(loop, deadline, now)
         else:  # no deadline, but route timeouts need the scope (`route_timeouts_need_scope`)
             cancel_scope = _open_scope(loop, math.inf, now)
+        watched: _Watched | None = None
+        if observers and budget is not None:
+            watched = self._watch(scope, budget, client_budget, send, loop)
+            if watched is not None:
+                send = watched.send
         state = _RequestState(cancel_scope, deadline, now, client_budget, self._reserve, send)
-
-        watching = observers if deadline is not None else None
-        if watching:
-            for observer in watching:
-                observer.request_started(budget, client_budget)  # type: ignore[arg-type]
+        if watched is not None:
+            watched.state = state
 
         raised: BaseException | None = None
         token = current_request.set(state)
@@ -1493,19 +1555,48 @@ class DeadlineMiddleware:
 
         try:
             if raised is not None or cancel_scope.cancelled_caught:
+                if watched is not None:
+                    watched.expired = True
                 await self._expired_response(scope, send, state, cancel_scope, loop, raised)
         finally:
-            # The deadline in force at the end: the route's own, if it set one; none at all
-            # (nothing to report) if the route lifted it.
-            given = state.given_deadline
-            if watching and given is not None:
-                ended = loop.time() if loop is not None else _trio_time()
-                expired = cancel_scope.cancelled_caught or raised is not None
-                for observer in watching:
-                    observer.request_finished(given - ended, "expired" if expired else "completed")
+            if watched is not None:
+                self._finished(watched, state)
             # Work that outlives the request with a copy of its context (threads, tasks) no
             # longer sees its deadline, nor keeps the request alive.
             state.end()
+
+    @staticmethod
+    def _watch(
+        scope: Scope,
+        budget: float,
+        client_budget: float | None,
+        send: Send,
+        loop: asyncio.AbstractEventLoop | None,
+    ) -> _Watched | None:
+        """Tell the observers the request starts; what watches it, if any observer does."""
+        watching = [
+            watch
+            for observer in observers
+            if (watch := observer.request_started(scope, budget, client_budget)) is not None
+        ]
+        return _Watched(watching, send, loop) if watching else None
+
+    @staticmethod
+    def _finished(watched: _Watched, state: _RequestState) -> None:
+        # The deadline in force at the end: the route's own, if it set one; none at all
+        # (nothing to report) if the route lifted it.
+        left = watched.remaining()
+        if left is None:
+            return
+        outcome = (
+            "completed"
+            if not watched.expired or state.completed
+            else "aborted"
+            if state.started
+            else "expired"
+        )
+        for observer in watched.observers:
+            observer.request_finished(left, outcome)
 
     async def _reject_early(self, send: Send, budget: float) -> None:
         self._rejected_early += 1

@@ -1,65 +1,41 @@
 """Graceful drain: learn of SIGTERM before the server does.
 
-uvicorn closes its listening sockets as soon as it handles SIGTERM, and only then sends the
+Servers close their listening sockets as soon as they handle SIGTERM, and only then send the
 lifespan shutdown, so an app that waits for the lifespan to hear about the signal can no
 longer tell the load balancer to stop sending traffic while it still accepts it. With
-``Lifecycle(drain_delay=...)`` the app wraps the server's signal handlers when its lifespan
-starts. On the first SIGTERM (or SIGINT) it begins the drain: readiness fails at once, while
-liveness holds and the app keeps serving; after ``drain_delay`` the signal is handed to the
-server's own handler, whose graceful shutdown follows (stop accepting, finish in-flight
-requests), and then the lifespan shutdown drains worker pools and stops services in reverse
-order. A second signal skips what is left of the delay.
+``Lifecycle(drain_delay=...)`` the app holds the process's SIGTERM and SIGINT from the end of
+its startup (`lifecycle._signals.SignalHold`, which stops both the Python-level handlers of
+uvicorn and the event-loop handlers of hypercorn and granian). On the first signal it begins
+the drain: readiness fails at once, while liveness holds and the app keeps serving; after
+``drain_delay`` the signal is handed to the server, whose graceful shutdown follows (stop
+accepting, finish in-flight requests), and then the lifespan shutdown drains worker pools and
+stops services in reverse order. A second signal skips what is left of the delay.
 
-This works per process, so under ``uvicorn --workers N`` each worker drains on its own. The
-same drain can be begun by an authenticated HTTP call (`drain_endpoint`), for a Kubernetes
+The drain works in the process that serves: under ``uvicorn --workers N`` and granian, whose
+supervisors pass SIGTERM on to every worker, each worker drains on its own. hypercorn's
+supervisor stops its workers through a shared event instead, which an app cannot delay:
+`lifecycle._servers.supervisor_warning` says so at startup. The same drain can always be
+begun by an authenticated HTTP call (`lifecycle.starlette.drain_route`), for a Kubernetes
 ``preStop`` hook.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import signal
-import sys
-import threading
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
-from types import FrameType
-from typing import Any
+from collections.abc import AsyncIterator, Sequence
 
 import anyio
 
 from ._kernel import Kernel
+from ._servers import serving_server, supervisor_warning
+from ._signals import SignalHold
 from ._validate import seconds
 
 __all__ = ["Drain", "SignalDrain"]
 
 logger = logging.getLogger("lifecycle.drain")
-
-Handler = Callable[[int, FrameType | None], Any] | int | None
-
-
-def _loop_scheduler() -> Callable[[Callable[[], None]], None]:
-    """A way to run a callback on the event loop from a signal handler, safely.
-
-    Asks trio only when trio is already imported (it is, whenever a trio loop runs), so that
-    the core install needs neither trio nor sniffio.
-    """
-    trio = sys.modules.get("trio")
-    if trio is not None:
-        try:
-            token = trio.lowlevel.current_trio_token()
-        except RuntimeError:
-            pass  # trio is imported, but this loop is asyncio's
-        else:
-            run_sync_soon: Callable[[Callable[[], None]], None] = token.run_sync_soon
-            return run_sync_soon
-    loop = asyncio.get_running_loop()
-
-    def schedule(callback: Callable[[], None]) -> None:
-        loop.call_soon_threadsafe(callback)
-
-    return schedule
 
 
 class Drain:
@@ -103,7 +79,12 @@ class Drain:
 
 
 class SignalDrain:
-    """The signal side of the drain protocol; an internal service of its kernel."""
+    """The signal side of the drain protocol; an internal service of its kernel.
+
+    It holds its signals from the moment the startup has succeeded (when the kernel's own
+    startup hold, which aborts a startup in progress, lets go of them) until the drain delay
+    after the first one is over; that signal is then forwarded to the server.
+    """
 
     def __init__(
         self,
@@ -115,51 +96,50 @@ class SignalDrain:
         self.drain = drain
         self.delay = drain.delay
         self.signals = tuple(signals)
-        self._first: tuple[int, FrameType | None] | None = None
-        self._forwarded = False
-        self._previous: dict[int, Handler] = {}
+        self._first: int | None = None
+        self._hold: SignalHold | None = None
         self._requested: anyio.Event | None = None
         self._skip: anyio.Event | None = None
         kernel.declare(self._serve, name="drain:signals", internal=True, kind="lifecycle")
+        kernel.observers.add(self)
 
     async def _serve(self) -> AsyncIterator[SignalDrain]:
-        if threading.current_thread() is not threading.main_thread():
-            logger.warning(
-                "drain_delay is set, but the lifespan runs outside the main thread, where "
-                "signal handlers cannot be installed; the drain will not be signal-driven."
-            )
-            yield self
-            return
         self._first = None
-        self._forwarded = False
         self._requested = anyio.Event()
         self._skip = anyio.Event()
-        schedule = _loop_scheduler()
-
-        def on_signal(signum: int, frame: FrameType | None) -> None:
-            # Runs between two bytecodes of the event loop's thread: only hand over.
-            schedule(lambda: self._on_signal(signum, frame))
-
-        self._previous = {sig: signal.getsignal(sig) for sig in self.signals}
-        for sig in self.signals:
-            signal.signal(sig, on_signal)
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._watch)
                 yield self
                 tg.cancel_scope.cancel()
         finally:
-            for signum, previous in self._previous.items():
-                if signal.getsignal(signum) is on_signal:
-                    signal.signal(signum, previous)
+            self._requested = None
+            hold, self._hold = self._hold, None
+            if hold is not None:
+                hold.release()
 
-    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
-        assert self._requested is not None
-        assert self._skip is not None
-        if self._forwarded:
-            self._forward(signum, frame)  # the server's own second-signal behaviour
-        elif self._first is None:
-            self._first = (signum, frame)
+    def run_started(self, kernel: Kernel, error: BaseException | None) -> None:
+        """Observer hook: hold the signals once the whole startup has succeeded."""
+        if error is not None or self._requested is None:
+            return
+        hold = SignalHold(self.signals, self._on_signal)
+        if not hold.install():
+            logger.warning(
+                "drain_delay is set, but the lifespan runs outside the main thread, where "
+                "signal handlers cannot be installed: the drain will not be signal-driven. "
+                "Begin it from a preStop hook instead (lifecycle.starlette.drain_route)."
+            )
+            return
+        self._hold = hold
+        warning = supervisor_warning()
+        if warning is not None:
+            logger.warning(warning)
+
+    def _on_signal(self, signum: int) -> None:
+        if self._requested is None or self._skip is None:
+            return  # the service stopped as the signal was on its way
+        if self._first is None:
+            self._first = signum
             self.drain.begin()
             logger.info(
                 "%s received: draining for %.1fs before the server shuts down",
@@ -190,14 +170,25 @@ class SignalDrain:
         with anyio.move_on_after(self._remaining()):
             await self._skip.wait()
         assert self._first is not None
-        self._forwarded = True
-        self._forward(*self._first)
-
-    def _forward(self, signum: int, frame: FrameType | None) -> None:
-        previous = self._previous.get(signum)
-        if callable(previous) and previous is not signal.default_int_handler:
-            previous(signum, frame)
+        hold, self._hold = self._hold, None
+        if hold is None:
             return
-        # No server handler (a plain script): behave as the signal would have without us.
-        signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
-        signal.raise_signal(signum)
+        signum = self._first
+        server = serving_server()
+        if (
+            signum == signal.SIGTERM
+            and server is not None
+            and not hold.listened(signal.SIGTERM)
+            and hold.listened(signal.SIGINT)
+        ):
+            # hypercorn's trio worker installs no SIGTERM handler: its default action would
+            # end the process mid-request. SIGINT is the signal it shuts down gracefully on.
+            logger.info(
+                "%s has no SIGTERM handler in this process; handing it SIGINT, on which it "
+                "shuts down gracefully.",
+                server,
+                extra={"phase": "drain"},
+            )
+            signum = signal.SIGINT
+        # The server's own graceful shutdown follows; a further signal is its to handle.
+        hold.forward(signum)

@@ -28,6 +28,7 @@ import enum
 import inspect
 import logging
 import math
+import signal
 import sys
 import textwrap
 import time
@@ -42,6 +43,7 @@ import anyio
 import anyio.lowlevel
 from anyio.abc import TaskGroup, TaskStatus
 
+from ._signals import SignalHold
 from ._timeline import LifecycleState, ServiceState, Timeline, TimelineEntry
 from ._validate import describe, seconds
 from .exceptions import GraphError, ServiceNotRunning, ShutdownError, StartupError
@@ -640,7 +642,8 @@ class Kernel:
             raise ServiceNotRunning(
                 f"Service {name!r} is not running (it is {state}); its value exists only while "
                 f"the Lifecycle runs: pass lifespan=lc.lifespan to the app, or use "
-                f"`async with lc.run()`."
+                f"`async with lc.run()`.",
+                never_started=self._state is LifecycleState.IDLE,
             )
         return record.value
 
@@ -1087,6 +1090,8 @@ class _Run:
         self.startup_deadline = math.inf
         self.shutdown_deadline = math.inf
         self.started_ok = False
+        self.interrupted: int | None = None  # the signal that interrupted the startup
+        self.startup_hold: SignalHold | None = None
         self.stopping = False
         self.fatal: BaseException | None = None  # see `_fatal`
         self.body: anyio.CancelScope | None = None  # around the body of `Kernel.run`
@@ -1108,6 +1113,50 @@ class _Run:
     # -- startup --------------------------------------------------------------------------
 
     async def start(self, task_group: TaskGroup) -> None:
+        # SIGINT and SIGTERM abort a startup in progress at once, with the rollback, rather
+        # than wait for the server to notice after the startup (or its timeout) ends. The
+        # signal is then handed on to the server (or to Python's default), which stops.
+        hold = self.startup_hold = SignalHold((signal.SIGINT, signal.SIGTERM), self._interrupt)
+        hold.install()  # a no-op outside the main thread, where no signal arrives anyway
+        try:
+            await self._start(task_group)
+        finally:
+            self._end_startup_hold()
+
+    def _end_startup_hold(self) -> None:
+        hold, self.startup_hold = self.startup_hold, None
+        if hold is None:
+            return
+        if self.interrupted is not None:
+            if self.error is not None:
+                # Said here, once, since the server may not live to report the error: the
+                # signal handed on may end the process (SIGTERM's default action) or raise
+                # KeyboardInterrupt in it (trio) at once.
+                logger.warning("%s", self.error, extra={"phase": "startup"})
+            hold.forward(self.interrupted)
+        else:
+            hold.release()
+
+    def _interrupt(self, signum: int) -> None:
+        """A SIGINT or SIGTERM arrived while starting: abort the startup (runs on the loop)."""
+        name = signal.Signals(signum).name
+        if self.interrupted is not None:
+            logger.warning("%s received again: handing it on, not waiting for the rollback.", name)
+            if self.startup_hold is not None:
+                self.startup_hold.forward(signum)
+            return
+        self.interrupted = signum
+        logger.warning(
+            "%s received while starting: aborting the startup and rolling back.",
+            name,
+            extra={"phase": "startup"},
+        )
+        self.aborting = True
+        abort = getattr(self, "abort", None)
+        if abort is not None:
+            abort.cancel()
+
+    async def _start(self, task_group: TaskGroup) -> None:
         startup_timeout = self.kernel.startup_timeout
         deadline = math.inf if startup_timeout is None else anyio.current_time() + startup_timeout
         observers = self.kernel.observers
@@ -1166,6 +1215,24 @@ class _Run:
                     )
                     self._fail_start(record)
         failures = {n: r.error for n, r in self.records.items() if r.error is not None}
+        complete = all(record.started for record in self.records.values())
+        if self.interrupted is not None and not failures and not complete:
+            cancelled = [n for n, r in self.records.items() if r.state is ServiceState.STARTING]
+            for name in cancelled:
+                self.records[name].state = ServiceState.CANCELLED
+                self.records[name].start_ended = self.now()
+            rollback_errors = await self._rollback()
+            error = _startup_error(
+                failures,
+                cancelled,
+                list(self.stop_order),
+                rollback_errors,
+                interrupted_by=signal.Signals(self.interrupted).name,
+            )
+            self.error = error
+            if observers:
+                observers.call("run_started", self.kernel, error)
+            raise error
         if not failures:
             for record in self.records.values():
                 if not record.started:  # not expected: never report a partial start as done
@@ -1177,6 +1244,8 @@ class _Run:
         if not failures:
             self.started_ok = True
             self._log_started()
+            # A signal that arrived as the last service started is the server's to act on.
+            self._end_startup_hold()
             if observers:
                 observers.call("run_started", self.kernel, None)
             return
@@ -2030,17 +2099,30 @@ def _unwrap(exc: BaseException) -> BaseException:
     return exc
 
 
+def _sentence(text: str) -> str:
+    """``text`` ended with a full stop, unless the error message it ends with has one."""
+    return text if text.endswith((".", "!", "?")) else f"{text}."
+
+
 def _startup_error(
     failures: dict[str, BaseException],
     cancelled: list[str],
     rolled_back: list[str],
     rollback_errors: dict[str, BaseException],
+    *,
+    interrupted_by: str | None = None,
 ) -> StartupError:
-    parts = [
-        "Startup failed: "
-        + "; ".join(f"service {name!r} {_what_failed(exc)}" for name, exc in failures.items())
-        + "."
-    ]
+    if interrupted_by is not None:
+        parts = [f"Startup interrupted by {interrupted_by}."]
+    else:
+        parts = [
+            _sentence(
+                "Startup failed: "
+                + "; ".join(
+                    f"service {name!r} {_what_failed(exc)}" for name, exc in failures.items()
+                )
+            )
+        ]
     if cancelled:
         parts.append("Cancelled while starting: " + ", ".join(repr(n) for n in cancelled) + ".")
     if rolled_back:
@@ -2049,9 +2131,10 @@ def _startup_error(
         parts.append("Nothing had started, so nothing was rolled back.")
     if rollback_errors:
         parts.append(
-            "Rollback cleanups that failed: "
-            + "; ".join(f"{n!r}: {describe(e)}" for n, e in rollback_errors.items())
-            + "."
+            _sentence(
+                "Rollback cleanups that failed: "
+                + "; ".join(f"{n!r}: {describe(e)}" for n, e in rollback_errors.items())
+            )
         )
     error = StartupError(
         " ".join(parts),
@@ -2059,9 +2142,12 @@ def _startup_error(
         cancelled=cancelled,
         rolled_back=rolled_back,
         rollback_errors=rollback_errors,
+        interrupted_by=interrupted_by,
     )
     originals = list(failures.values())
-    if len(originals) == 1:
+    if not originals:
+        pass
+    elif len(originals) == 1:
         error.__cause__ = originals[0]
     else:
         error.__cause__ = BaseExceptionGroup("services that failed to start", originals)

@@ -18,13 +18,15 @@ from __future__ import annotations
 import bisect
 import itertools
 import math
-from collections.abc import Iterable, Sequence
+import os
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from . import _deadline
+from . import _admission, _deadline
 from ._kernel import Observer
 from ._observe import JobObserver, attach, check_attachable, detach
 from ._timeline import LifecycleState, ServiceState, Timeline
+from ._validate import seconds
 
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
@@ -68,6 +70,8 @@ def instrument_metrics(
     *,
     registry: CollectorRegistry | None = None,
     buckets: Sequence[float] = DEFAULT_BUCKETS,
+    multiprocess: bool | None = None,
+    multiprocess_interval: float = 1.0,
 ) -> LifecycleMetrics:
     """Expose ``lifecycle``'s metrics to Prometheus through ``registry``.
 
@@ -85,6 +89,15 @@ def instrument_metrics(
         registry: The prometheus-client registry to register with; ``None`` for the default
             (global) ``prometheus_client.REGISTRY``.
         buckets: Upper bounds, in seconds, of the job wait and run time histograms.
+        multiprocess: Also write the metrics to prometheus-client's multiprocess files, so
+            that one scrape of any worker process (``uvicorn --workers N``) shows them all;
+            ``None`` (the default) for whenever ``PROMETHEUS_MULTIPROC_DIR`` is set. Each
+            process writes its values every ``multiprocess_interval`` seconds, as it stops,
+            and just before it answers a scrape (`lifecycle.starlette.metrics_route`
+            serves the merged view in that mode). Gauges (and the statesets, which the
+            multiprocess files keep as gauges) get a ``pid`` label and leave the scrape
+            when their process stops; counters and histograms are summed over processes.
+        multiprocess_interval: Seconds between two writes of a process's values.
 
     Returns:
         The registered collector; `LifecycleMetrics.close` unregisters it.
@@ -92,12 +105,24 @@ def instrument_metrics(
     Raises:
         ImportError: prometheus-client is not installed.
         TypeError: ``lifecycle`` is not a `Lifecycle`.
-        ValueError: ``buckets`` are not increasing positive numbers, or ``registry`` already
-            has metrics of the same names (another instrumented `Lifecycle`).
+        ValueError: ``buckets`` are not increasing positive numbers, ``registry`` already
+            has metrics of the same names (another instrumented `Lifecycle`), or
+            ``multiprocess=True`` without a ``PROMETHEUS_MULTIPROC_DIR`` directory.
         RuntimeError: The Lifecycle is running, or its metrics are already enabled.
     """
     require_prometheus()
     from prometheus_client import REGISTRY
+
+    interval = seconds("multiprocess_interval", multiprocess_interval)
+    directory = multiprocess_directory()
+    if multiprocess is None:
+        multiprocess = directory is not None
+    elif multiprocess and directory is None:
+        raise ValueError(
+            "multiprocess=True needs the environment variable PROMETHEUS_MULTIPROC_DIR set to "
+            "a directory that every worker process can write (and that is empty when the "
+            "server starts); set it, or leave multiprocess unset."
+        )
 
     check_attachable(
         lifecycle,
@@ -117,8 +142,136 @@ def instrument_metrics(
         ) from exc
     # Only once registered, so that a refused registration leaves nothing behind.
     _deadline.observers.append(metrics._budget_left)
+    _admission.observers.append(metrics._admissions)
     attach(lifecycle, metrics._observer)
+    if multiprocess:
+        mirror = _Mirror(metrics, interval)
+        lifecycle.declare(mirror.run, name="metrics:multiprocess", internal=True, kind="lifecycle")
     return metrics
+
+
+def multiprocess_directory() -> str | None:
+    """The directory of prometheus-client's multiprocess mode, or ``None`` when it is off.
+
+    Raises:
+        ValueError: ``PROMETHEUS_MULTIPROC_DIR`` names no directory.
+    """
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not directory:
+        return None
+    if not os.path.isdir(directory):
+        raise ValueError(
+            f"PROMETHEUS_MULTIPROC_DIR={directory!r} is not a directory; create it (empty) "
+            "before the server starts its workers, or unset the variable."
+        )
+    return directory
+
+
+def refresh_multiprocess() -> None:
+    """Write this process's values to the multiprocess files now (before a scrape)."""
+    for mirror in _mirrors:
+        mirror.write()
+
+
+# The mirrors of this process (one per instrumented Lifecycle that runs in multiprocess mode).
+_mirrors: list[_Mirror] = []
+
+
+class _Mirror:
+    """Copies a `LifecycleMetrics` into prometheus-client's multiprocess files.
+
+    The metric families are read as a scrape would, and each sample is written to the value
+    prometheus-client's own metrics would use in multiprocess mode (``MultiProcessValue``):
+    gauges in the ``liveall`` mode (a ``pid`` label; the file goes when the process is marked
+    dead), counters and histograms summed across processes. Histogram buckets are written
+    per bucket, as prometheus-client's own histograms store them.
+    """
+
+    def __init__(self, metrics: LifecycleMetrics, interval: float) -> None:
+        self.metrics = metrics
+        self.interval = interval
+        self.value_class: Any = None
+        self.values: dict[tuple[str, str, str, tuple[str, ...], tuple[str, ...]], Any] = {}
+
+    async def run(self, *, task_status: Any) -> None:
+        import anyio
+        from prometheus_client import values
+
+        # Files of their own for each run: the end of the last one deleted its gauges' file.
+        # MultiProcessValue registers a function that closes the files of the class it makes;
+        # it is kept to close them when the run ends (a process may run the Lifecycle again).
+        cleanups: list[Callable[[], None]] = getattr(values, "_multi_process_cleanups", [])
+        known = list(cleanups)
+        self.value_class = values.MultiProcessValue()  # type: ignore[no-untyped-call]
+        close = [cleanup for cleanup in cleanups if cleanup not in known]
+        self.values.clear()
+        _mirrors.append(self)
+        try:
+            self.write()
+            task_status.started()
+            while True:
+                await anyio.sleep(self.interval)
+                self.write()
+        finally:
+            _mirrors.remove(self)
+            self.write()  # the last states and counts: counters outlive the process
+            from prometheus_client import multiprocess
+
+            # Its gauges leave the scrape.
+            multiprocess.mark_process_dead(os.getpid())  # type: ignore[no-untyped-call]
+            for cleanup in close:
+                cleanup()
+                if cleanup in cleanups:
+                    cleanups.remove(cleanup)
+            self.value_class = None
+
+    def write(self) -> None:
+        if self.metrics._closed or self.value_class is None:
+            return
+        for family in self.metrics.collect():
+            kind = family.type
+            if kind == "stateset":
+                kind = "gauge"
+            if kind not in ("gauge", "counter", "histogram"):
+                continue
+            previous: dict[tuple[tuple[str, str], ...], float] = {}
+            for sample in family.samples:
+                labels = dict(sample.labels)
+                value = sample.value
+                if kind == "histogram":
+                    if sample.name.endswith(("_count", "_created")):
+                        continue  # prometheus-client counts the buckets
+                    if "le" in labels:  # cumulative here, per bucket in the files
+                        rest = tuple(sorted((k, v) for k, v in labels.items() if k != "le"))
+                        value, previous[rest] = value - previous.get(rest, 0.0), value
+                elif kind == "counter" and not sample.name.endswith("_total"):
+                    continue  # _created
+                self._set(kind, family.name, sample.name, labels, value, family.documentation)
+
+    def _set(
+        self,
+        kind: str,
+        family: str,
+        name: str,
+        labels: dict[str, str],
+        value: float,
+        documentation: str,
+    ) -> None:
+        names = tuple(labels)
+        values = tuple(labels.values())
+        key = (kind, family, name, names, values)
+        stored = self.values.get(key)
+        if stored is None:
+            stored = self.values[key] = self.value_class(
+                kind,
+                family,
+                name,
+                names,
+                values,
+                documentation,
+                multiprocess_mode="liveall" if kind == "gauge" else "",
+            )
+        stored.set(value)
 
 
 def require_prometheus() -> None:
@@ -137,14 +290,16 @@ def require_prometheus() -> None:
 class LifecycleMetrics:
     """A prometheus-client collector of a `Lifecycle`'s metrics; see `instrument_metrics`.
 
-    Everything but the job time histograms is read when the registry is scraped. Metric
+    Everything but the job time histograms and the per-route request counters is read
+    when the registry is scraped. Metric
     names (the ``lifecycle_`` prefix, units in the names, ``_total`` counters):
 
-    - the lifecycle: ``lifecycle_state{state}`` (1 for the current state, 0 for the others),
+    - the lifecycle: ``lifecycle_state`` (an OpenMetrics stateset: one sample per state, the
+      state in the label named after the metric, 1 for the current one),
       ``lifecycle_draining``, ``lifecycle_startup_duration_seconds``,
       ``lifecycle_shutdown_duration_seconds``;
     - each service, worker pools and other internal ones included (``worker:<name>``...):
-      ``lifecycle_service_state{service,state}``,
+      ``lifecycle_service_state{service}`` (a stateset),
       ``lifecycle_service_start_duration_seconds{service}``,
       ``lifecycle_service_stop_duration_seconds{service}`` (of the current or last run);
     - each worker pool: ``lifecycle_pool_queued_jobs``, ``lifecycle_pool_queue_capacity_jobs``,
@@ -154,18 +309,24 @@ class LifecycleMetrics:
       histograms ``lifecycle_pool_job_wait_duration_seconds`` and
       ``lifecycle_pool_job_run_duration_seconds`` of the jobs that completed or failed (as
       in the pool's ``statistics()``, abandoned jobs are left out), all labelled ``pool``;
-    - each supervised task: ``lifecycle_background_state{task,state}``,
+    - each supervised task: ``lifecycle_background_state{task}`` (a stateset),
       ``lifecycle_background_restarts_total``, ``lifecycle_background_failures_total``,
       ``lifecycle_background_backoff_remaining_seconds``;
     - each periodic job: ``lifecycle_periodic_runs_total``, ``lifecycle_periodic_failures_total``,
       ``lifecycle_periodic_timeouts_total``, ``lifecycle_periodic_running``,
-      ``lifecycle_periodic_last_duration_seconds``, labelled ``job``;
-    - health, once the Lifecycle uses it: ``lifecycle_health_check_status{check,status}``,
+      ``lifecycle_periodic_last_duration_seconds``, labelled ``periodic`` (not ``job``, which
+      is Prometheus's own target label);
+    - health, once the Lifecycle uses it: ``lifecycle_health_check_status{check}`` (a stateset),
       ``lifecycle_health_check_duration_seconds``, ``lifecycle_health_check_runs_total``,
       ``lifecycle_health_check_failures_total``, ``lifecycle_health_check_timeouts_total``,
-      ``lifecycle_health_probe_status{probe,status}`` and
+      ``lifecycle_health_probe_status{probe}`` (a stateset) and
       ``lifecycle_event_loop_lag_seconds``;
-    - watched middleware (`watch`): ``lifecycle_deadline_*`` and ``lifecycle_admission_*``.
+    - watched middleware (`watch`): ``lifecycle_deadline_*`` and ``lifecycle_admission_*``
+      totals; and, for every deadline and admission middleware in the process,
+      ``lifecycle_deadline_requests_total{route,method,outcome}`` and
+      ``lifecycle_admission_requests_total{route,method,outcome}``, labelled with the route
+      template (never the raw path; `UNMATCHED_ROUTE` when no route matched) and the method
+      (``_OTHER`` for non-standard ones).
 
     Pool counters restart from zero with each run of the Lifecycle (Prometheus's ``rate``
     handles the reset); the histograms keep counting across runs.
@@ -186,6 +347,8 @@ class LifecycleMetrics:
         # in the process (the middleware knows no Lifecycle); `instrument_metrics` adds it to
         # the middleware's observers.
         self._budget_left = _BudgetLeft(_check_buckets(buckets))
+        # Each request the admission middleware answers, by route (`_admission.observers`).
+        self._admissions = _Admissions()
         self._closed = False
 
     def __repr__(self) -> str:
@@ -218,6 +381,8 @@ class LifecycleMetrics:
         detach(self.lifecycle, self._observer)
         if self._budget_left in _deadline.observers:
             _deadline.observers.remove(self._budget_left)
+        if self._admissions in _admission.observers:
+            _admission.observers.remove(self._admissions)
         self.registry.unregister(self)
 
     # -- the prometheus-client collector protocol -------------------------------------------
@@ -233,8 +398,7 @@ class LifecycleMetrics:
         """Read the current state of everything measured, as metric families."""
         families = _Families()
         lifecycle = self.lifecycle
-        for state in LifecycleState:
-            families.state.add_metric([state.value], float(lifecycle.state is state))
+        families.state.add_metric([], {s.value: lifecycle.state is s for s in LifecycleState})
         families.draining.add_metric([], float(lifecycle.draining))
         self._collect_services(families, lifecycle.timeline())
         observer = self._observer
@@ -254,16 +418,19 @@ class LifecycleMetrics:
         if any(budget_left.counts):
             families.deadline_budget_left.add_metric([], budget_left.buckets(), budget_left.total)
         _collect_admissions(families, admissions)
+        for labels, count in self._budget_left.requests.items():
+            families.deadline_requests.add_metric(labels, count)
+        for labels, count in self._admissions.requests.items():
+            families.admission_requests.add_metric(labels, count)
         # Families with nothing to report (no shutdown yet, no middleware) are left out.
         return [family for family in families.all() if family.samples]
 
     def _collect_services(self, families: _Families, timeline: Timeline) -> None:
         entries = timeline.entries
         for entry in entries:
-            for state in ServiceState:
-                families.service_state.add_metric(
-                    [entry.service, state.value], float(entry.state is state)
-                )
+            families.service_state.add_metric(
+                [entry.service], {state.value: entry.state is state for state in ServiceState}
+            )
             if entry.start_duration is not None:
                 families.service_start.add_metric([entry.service], entry.start_duration)
             if entry.stop_duration is not None:
@@ -348,17 +515,107 @@ class _Histogram:
         return result
 
 
+UNMATCHED_ROUTE = "unmatched"
+"""The ``route`` label of requests no route matched (a route template starts with ``/``)."""
+
+_METHODS = frozenset(
+    ("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH", "QUERY")
+)
+
+
+def request_labels(scope: Any, root_path: str) -> tuple[str, str]:
+    """The ``route`` and ``method`` labels of a request: bounded by the app's routes.
+
+    The route is the template of the route that handled it (``/items/{item_id}``, never the
+    raw path), as Starlette and FastAPI leave it in ``scope["route"]``, behind the prefix of
+    the mounts it went through; a request that never reached the router (rejected before it)
+    is matched against the app's routes; one no route matches is `UNMATCHED_ROUTE`.
+    Methods other than the standard ones are ``_OTHER``, as OpenTelemetry names them.
+    """
+    method = scope.get("method", "")
+    if method not in _METHODS:
+        method = "_OTHER"
+    path = getattr(scope.get("route"), "path", None)
+    if isinstance(path, str):
+        mounted: str = scope.get("root_path", "")
+        prefix = mounted[len(root_path) :] if mounted.startswith(root_path) else ""
+        return prefix + path, method
+    return _match_route(scope), method
+
+
+def _match_route(scope: Any) -> str:
+    routes = getattr(scope.get("app"), "routes", None)
+    if not routes:
+        return UNMATCHED_ROUTE
+    from starlette.routing import Match
+
+    for route in routes:
+        path = getattr(route, "path", None)
+        if not isinstance(path, str):
+            continue
+        try:
+            match, _ = route.matches(scope)
+        except Exception:  # noqa: S112 - a label must never fail the request it counts
+            continue
+        if match is not Match.NONE:
+            return path
+    return UNMATCHED_ROUTE
+
+
+class _Counts:
+    """Counts by label values, on the event loop's thread; read whole at scrape time."""
+
+    __slots__ = ("counts",)
+
+    def __init__(self) -> None:
+        self.counts: dict[tuple[str, ...], int] = {}
+
+    def add(self, key: tuple[str, ...]) -> None:
+        counts = self.counts
+        counts[key] = counts.get(key, 0) + 1
+
+    def items(self) -> list[tuple[tuple[str, ...], int]]:
+        return list(self.counts.copy().items())  # copy(): atomic against the loop's thread
+
+
 class _BudgetLeft:
-    """Observes what is left of each request's deadline budget when the request ends."""
+    """Observes each request under a deadline: what was left of its budget, how it ended."""
 
     def __init__(self, bounds: tuple[float, ...]) -> None:
         self.histogram = _Histogram(bounds)
+        self.requests = _Counts()
 
-    def request_started(self, budget: float, client_budget: float | None) -> None:
+    def request_started(
+        self, scope: Any, budget: float, client_budget: float | None
+    ) -> _DeadlineRequest:
+        return _DeadlineRequest(self, scope)
+
+
+class _DeadlineRequest:
+    __slots__ = ("owner", "root_path", "scope")
+
+    def __init__(self, owner: _BudgetLeft, scope: Any) -> None:
+        self.owner = owner
+        self.scope = scope
+        self.root_path: str = scope.get("root_path", "")
+
+    def response_started(self, remaining: float, outcome: str) -> None:
         pass
 
     def request_finished(self, remaining: float, outcome: str) -> None:
-        self.histogram.observe(max(0.0, remaining))
+        owner = self.owner
+        owner.histogram.observe(max(0.0, remaining))
+        owner.requests.add((*request_labels(self.scope, self.root_path), outcome))
+
+
+class _Admissions:
+    """Counts each request a `ConcurrencyLimitMiddleware` answered, by route and method."""
+
+    def __init__(self) -> None:
+        self.requests = _Counts()
+
+    def request_ended(self, scope: Any, root_path: str, outcome: str) -> None:
+        self.requests.add((*request_labels(scope, root_path), outcome))
 
 
 class _PoolHistograms(JobObserver):
@@ -414,6 +671,7 @@ class _Families:
             CounterMetricFamily,
             GaugeMetricFamily,
             HistogramMetricFamily,
+            StateSetMetricFamily,
         )
 
         def gauge(name: str, doc: str, *labels: str) -> GaugeMetricFamily:
@@ -422,10 +680,13 @@ class _Families:
         def counter(name: str, doc: str, *labels: str) -> CounterMetricFamily:
             return CounterMetricFamily(name, doc, labels=labels)
 
+        # OpenMetrics statesets: one sample per state, 1 for the current one; the state is
+        # in the label named after the metric. (The Prometheus text format shows a gauge.)
+        def stateset(name: str, doc: str, *labels: str) -> StateSetMetricFamily:
+            return StateSetMetricFamily(name, doc, labels=labels)
+
         # The lifecycle and its services.
-        self.state = gauge(
-            "lifecycle_state", "1 for the Lifecycle's current state, 0 for the others.", "state"
-        )
+        self.state = stateset("lifecycle_state", "The Lifecycle's current state.")
         self.draining = gauge("lifecycle_draining", "1 once a graceful drain has begun.")
         self.startup = gauge(
             "lifecycle_startup_duration_seconds", "How long the last startup took."
@@ -433,11 +694,8 @@ class _Families:
         self.shutdown = gauge(
             "lifecycle_shutdown_duration_seconds", "How long the last shutdown took."
         )
-        self.service_state = gauge(
-            "lifecycle_service_state",
-            "1 for each service's current state, 0 for the others.",
-            "service",
-            "state",
+        self.service_state = stateset(
+            "lifecycle_service_state", "Each service's current state.", "service"
         )
         self.service_start = gauge(
             "lifecycle_service_start_duration_seconds",
@@ -501,11 +759,8 @@ class _Families:
             labels=["pool"],
         )
         # Supervised tasks and periodic jobs.
-        self.background_state = gauge(
-            "lifecycle_background_state",
-            "1 for each supervised task's current state, 0 for the others.",
-            "task",
-            "state",
+        self.background_state = stateset(
+            "lifecycle_background_state", "Each supervised task's current state.", "task"
         )
         self.background_restarts = counter(
             "lifecycle_background_restarts_total", "Restarts of each supervised task.", "task"
@@ -521,28 +776,31 @@ class _Families:
             "task",
         )
         self.periodic_runs = counter(
-            "lifecycle_periodic_runs_total", "Runs started of each periodic job.", "job"
+            "lifecycle_periodic_runs_total", "Runs started of each periodic job.", "periodic"
         )
         self.periodic_failures = counter(
-            "lifecycle_periodic_failures_total", "Runs of each periodic job that raised.", "job"
+            "lifecycle_periodic_failures_total",
+            "Runs of each periodic job that raised.",
+            "periodic",
         )
         self.periodic_timeouts = counter(
-            "lifecycle_periodic_timeouts_total", "Runs cut off by the job's timeout.", "job"
+            "lifecycle_periodic_timeouts_total", "Runs cut off by the job's timeout.", "periodic"
         )
         self.periodic_running = gauge(
-            "lifecycle_periodic_running", "1 while a run of the periodic job is in progress.", "job"
+            "lifecycle_periodic_running",
+            "1 while a run of the periodic job is in progress.",
+            "periodic",
         )
         self.periodic_last_duration = gauge(
             "lifecycle_periodic_last_duration_seconds",
             "How long the last finished run took.",
-            "job",
+            "periodic",
         )
         # Health: checks, probes and the event-loop watchdog.
-        self.check_status = gauge(
+        self.check_status = stateset(
             "lifecycle_health_check_status",
-            "1 for each health check's reported status (pass, warn, fail), 0 for the others.",
+            "Each health check's reported status (pass, warn, fail).",
             "check",
-            "status",
         )
         self.check_duration = gauge(
             "lifecycle_health_check_duration_seconds",
@@ -562,11 +820,10 @@ class _Families:
             "Runs of each health check cut off by its timeout.",
             "check",
         )
-        self.probe_status = gauge(
+        self.probe_status = stateset(
             "lifecycle_health_probe_status",
-            "1 for each probe's current status (pass, warn, fail), 0 for the others.",
+            "Each probe's current status (pass, warn, fail).",
             "probe",
-            "status",
         )
         self.loop_lag = gauge(
             "lifecycle_event_loop_lag_seconds",
@@ -603,6 +860,22 @@ class _Families:
         )
         self.deadline_in_flight = gauge(
             "lifecycle_deadline_in_flight_requests", "Requests running under a deadline now."
+        )
+        self.deadline_requests = counter(
+            "lifecycle_deadline_requests",
+            "Requests that ended under a deadline, by route template, method and outcome "
+            "(completed, expired: answered 504, aborted: expired after the response started).",
+            "route",
+            "method",
+            "outcome",
+        )
+        self.admission_requests = counter(
+            "lifecycle_admission_requests",
+            "Requests the admission control answered, by route template, method and outcome "
+            "(admitted at once, waited for a slot, rejected with 503).",
+            "route",
+            "method",
+            "outcome",
         )
         self.admission_limit = gauge(
             "lifecycle_admission_concurrency_limit_requests",
@@ -654,10 +927,9 @@ def _collect_background(families: _Families, task: BackgroundTask) -> None:
     from ._workers import SupervisorState
 
     stats = task.statistics()
-    for state in SupervisorState:
-        families.background_state.add_metric(
-            [stats.name, state.name.lower()], float(stats.state is state)
-        )
+    families.background_state.add_metric(
+        [stats.name], {state.name.lower(): stats.state is state for state in SupervisorState}
+    )
     families.background_restarts.add_metric([stats.name], stats.restarts)
     families.background_failures.add_metric([stats.name], stats.failures)
     families.background_backoff.add_metric([stats.name], stats.next_restart_in or 0.0)
@@ -679,10 +951,9 @@ def _collect_health(families: _Families, monitor: HealthMonitor) -> None:
 
     for check in monitor.checks.values():
         stats = check.statistics()
-        for status in HealthStatus:
-            families.check_status.add_metric(
-                [stats.name, status.value], float(stats.status is status)
-            )
+        families.check_status.add_metric(
+            [stats.name], {status.value: stats.status is status for status in HealthStatus}
+        )
         if stats.duration is not None:
             families.check_duration.add_metric([stats.name], stats.duration)
         families.check_runs.add_metric([stats.name], stats.runs)
@@ -694,8 +965,9 @@ def _collect_health(families: _Families, monitor: HealthMonitor) -> None:
         ("readiness", monitor.readiness()),
         ("startup", monitor.startup()),
     ):
-        for status in HealthStatus:
-            families.probe_status.add_metric([probe, status.value], float(report.status is status))
+        families.probe_status.add_metric(
+            [probe], {status.value: report.status is status for status in HealthStatus}
+        )
     lag = next((c for c in liveness.components if c.name == "event_loop"), None)
     if lag is not None and isinstance(lag.observed_value, int | float):
         families.loop_lag.add_metric([], lag.observed_value / 1000)  # reported in ms

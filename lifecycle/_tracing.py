@@ -22,13 +22,19 @@ Failures set the span's status to ``ERROR`` and record the exception. A job, per
 health-check run cut off by its own timeout records a `TimeoutError` (the pool counts the job
 failed with one; the periodic job or check counts a timeout); any other cancellation sets
 ``ERROR`` with the description ``cancelled``.
+
+Attributes follow OpenTelemetry's naming conventions (``lifecycle.<thing>.name``, durations
+in seconds as floats under ``.duration`` names); the README lists each one. At the end of
+shutdown the tracer provider is flushed, within what is left of the shutdown budget.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import random
+import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping
 from contextvars import Token
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
@@ -71,6 +77,10 @@ TRACER_NAME = "lifecycle"
 """The instrumentation scope name of every span this library makes."""
 
 _INSTALL_HINT = "pip install 'anyio-lifecycle[tracing]'"
+_LOG = logging.getLogger("lifecycle.tracing")
+# How long the flush at the end of shutdown may take when shutdown has no timeout (the batch
+# span processor's own default export timeout).
+_FLUSH_TIMEOUT = 30.0
 
 
 def instrument_tracing(
@@ -124,6 +134,7 @@ def instrument_tracing(
         raise ValueError(f"health_runs must be 'changes' or 'all', not {health_runs!r}.")
     tracer = trace.get_tracer(TRACER_NAME, _version(), tracer_provider=tracer_provider)
     tracing = LifecycleTracing(lifecycle, tracer)
+    tracing._observer.provider = tracer_provider
     tracing._observer.every_health_run = health_runs == "all"
     attach(lifecycle, tracing._observer)
     return tracing
@@ -165,25 +176,55 @@ class LifecycleTracing:
 
 
 class _DeadlineAttributes:
-    """Puts a request's deadline on its span (the current one: a server instrumentation's)."""
+    """Puts each request's deadline on its server span.
 
-    def request_started(self, budget: float, client_budget: float | None) -> None:
-        from opentelemetry import trace
+    The span is the one current as the request reaches the middleware: a server
+    instrumentation's (opentelemetry-instrumentation-asgi or -fastapi, FastAPI's own). Such
+    an instrumentation ends it on the response's final message, before the middleware
+    returns, so what is left of the budget is set as the response starts.
+    """
 
-        span = trace.get_current_span()
-        if span.is_recording():
-            span.set_attribute("lifecycle.deadline.budget_ms", round(budget * 1000))
-            if client_budget is not None:
-                span.set_attribute(
-                    "lifecycle.deadline.client_budget_ms", round(client_budget * 1000)
-                )
+    def request_started(
+        self, scope: object, budget: float, client_budget: float | None
+    ) -> _DeadlineSpan | None:
+        span = _current_span()()
+        if not span.is_recording():
+            return None
+        # One set_attribute each: the SDK's set_attributes costs more for two.
+        span.set_attribute("lifecycle.deadline.budget", budget)
+        if client_budget is not None:
+            span.set_attribute("lifecycle.deadline.client_budget", client_budget)
+        return _DeadlineSpan(span)
+
+
+@functools.cache
+def _current_span() -> Callable[[], Span]:
+    """``opentelemetry.trace.get_current_span``, imported once (opentelemetry is optional)."""
+    from opentelemetry.trace import get_current_span
+
+    return get_current_span
+
+
+class _DeadlineSpan:
+    """The server span of one request under a deadline."""
+
+    __slots__ = ("span",)
+
+    def __init__(self, span: Span) -> None:
+        self.span = span
+
+    def response_started(self, remaining: float, outcome: str) -> None:
+        self._set(remaining, outcome)
 
     def request_finished(self, remaining: float, outcome: str) -> None:
-        from opentelemetry import trace
+        # Still recording only when the response never completed (aborted, or no final
+        # message): then this is the outcome to keep.
+        self._set(remaining, outcome)
 
-        span = trace.get_current_span()
+    def _set(self, remaining: float, outcome: str) -> None:
+        span = self.span
         if span.is_recording():
-            span.set_attribute("lifecycle.deadline.remaining_ms", round(remaining * 1000))
+            span.set_attribute("lifecycle.deadline.remaining", remaining)
             span.set_attribute("lifecycle.deadline.outcome", outcome)
 
 
@@ -301,16 +342,19 @@ class _TracingObserver(Observer):
         # starts or stops.
         self.tokens: dict[str, Token[Context]] = {}
         self.every_health_run = False
+        self.provider: TracerProvider | None = None  # None: the global one
+        self.stopping_at = 0.0  # time.monotonic() when shutdown began
 
     # -- startup and shutdown ----------------------------------------------------------------
 
     def run_starting(self, lifecycle: Kernel) -> None:
+        self.stopping_at = time.monotonic()  # until shutdown (or a rollback) begins
         self.starts.clear()
         self.stops.clear()
         self.phases.clear()
         self.shutdown = None
         self.startup = self.tracer.start_span(
-            "lifecycle startup", attributes={"lifecycle.services": len(lifecycle.declared)}
+            "lifecycle startup", attributes={"lifecycle.service.count": len(lifecycle.declared)}
         )
 
     def run_started(self, lifecycle: Kernel, error: BaseException | None) -> None:
@@ -320,9 +364,13 @@ class _TracingObserver(Observer):
             _fail(self.startup, error)
         self.startup.end()
         self.startup = None
+        if error is not None:  # rolled back: the process is likely to end
+            self._flush(lifecycle.shutdown_timeout)
 
     def run_stopping(self, lifecycle: Kernel) -> None:
         from opentelemetry.trace import set_span_in_context
+
+        self.stopping_at = time.monotonic()
 
         self.dependents = {name: [] for name in lifecycle.declared}
         for service in lifecycle.declared.values():
@@ -345,6 +393,45 @@ class _TracingObserver(Observer):
             )
         self.shutdown.end()
         self.shutdown = None
+        if self.startup is None:  # a rollback's is flushed once the startup span ends
+            self._flush(lifecycle.shutdown_timeout)
+
+    def _flush(self, shutdown_timeout: float | None) -> None:
+        """Export the spans the provider's processors still hold, within the shutdown budget.
+
+        The end of the lifespan is the last moment spans are sure to leave: uvicorn ends the
+        process by raising SIGTERM again once the lifespan is done, so the batch processor's
+        own flush at exit never runs. The flush blocks the event loop, which has nothing
+        left to serve by then.
+        """
+        from opentelemetry import trace
+
+        provider = self.provider if self.provider is not None else trace.get_tracer_provider()
+        force_flush = getattr(provider, "force_flush", None)  # an SDK provider has it
+        if not callable(force_flush):
+            return
+        if shutdown_timeout is None:
+            budget = _FLUSH_TIMEOUT
+        else:
+            budget = shutdown_timeout - (time.monotonic() - self.stopping_at)
+        if budget <= 0:
+            _LOG.warning(
+                "Spans still buffered by the tracer provider were not flushed: the "
+                "shutdown_timeout of %ss was spent; they may be lost.",
+                shutdown_timeout,
+            )
+            return
+        try:
+            flushed = force_flush(max(1, int(budget * 1000)))
+        except Exception:
+            _LOG.exception("Flushing the tracer provider's spans at shutdown failed.")
+            return
+        if flushed is False:
+            _LOG.warning(
+                "The tracer provider did not flush its spans within %.3fs (what was left of "
+                "the shutdown budget); some may be lost.",
+                budget,
+            )
 
     # -- each service, in its host task ------------------------------------------------------
 
@@ -389,7 +476,10 @@ class _TracingObserver(Observer):
             f"{phase} {service.name}",
             context=set_span_in_context(parent) if parent is not None else None,
             links=[Link(link) for link in links],
-            attributes={"lifecycle.service": service.name, "lifecycle.internal": service.internal},
+            attributes={
+                "lifecycle.service.name": service.name,
+                "lifecycle.service.internal": service.internal,
+            },
         )
         current = self.phases.get(service.name)
         if current is None:
@@ -428,7 +518,7 @@ class _TracingObserver(Observer):
     def background_task(self, task: BackgroundTask) -> TaskObserver:
         links = self._links_to_start(task.service)
         return _TracedTask(
-            self.tracer, f"restart {task.name}", {"lifecycle.task": task.name}, links
+            self.tracer, f"restart {task.name}", {"lifecycle.task.name": task.name}, links
         )
 
     def periodic_job(self, job: PeriodicJob) -> TaskObserver:
@@ -467,7 +557,7 @@ class _TracedJobs(JobObserver):
         # This runs in the submitter's copied context: the current span is the submitter's.
         span = self.tracer.start_span(
             self.name,
-            attributes={"lifecycle.pool": self.pool, "lifecycle.job.wait_seconds": waited},
+            attributes={"lifecycle.pool.name": self.pool, "lifecycle.job.wait.duration": waited},
         )
         # Inside the job's timeout scope now: a nearer deadline than ``around`` is the job's.
         deadline = anyio.current_effective_deadline()
@@ -514,11 +604,11 @@ class _TracedTask(TaskObserver):
     def restarting(self, restart: int, delay: float, error: str | None) -> Iterator[object]:
         attributes = {
             **self.attributes,
-            "lifecycle.restart": restart,
-            "lifecycle.backoff_seconds": delay,
+            "lifecycle.restart.count": restart,
+            "lifecycle.restart.backoff.duration": delay,
         }
         if error is not None:
-            attributes["lifecycle.error"] = error
+            attributes["lifecycle.restart.cause"] = error
         with _current(self._start(attributes)) as span:
             yield span
 
@@ -534,7 +624,9 @@ class _TracedRun(_TracedTask):
     """The runs of a periodic job, which its ``timeout`` may cut off."""
 
     def __init__(self, tracer: Tracer, job: PeriodicJob, links: list[Link]) -> None:
-        super().__init__(tracer, f"periodic {job.name}", {"lifecycle.job": job.name}, links)
+        super().__init__(
+            tracer, f"periodic {job.name}", {"lifecycle.periodic.name": job.name}, links
+        )
         self.job = job
 
     def _timeout(self) -> Callable[[], TimeoutError | None] | None:
@@ -560,7 +652,9 @@ class _TracedCheck(_TracedTask):
     def __init__(
         self, tracer: Tracer, check: HealthCheck, links: list[Link], *, every_run: bool
     ) -> None:
-        super().__init__(tracer, f"health {check.name}", {"lifecycle.check": check.name}, links)
+        super().__init__(
+            tracer, f"health {check.name}", {"lifecycle.check.name": check.name}, links
+        )
         self.check = check
         self.every_run = every_run
         self.failing: bool | None = None  # how the last run went; None before the first

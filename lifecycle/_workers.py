@@ -19,7 +19,6 @@ import inspect
 import logging
 import math
 import random
-import signal
 import sys
 import time
 import types
@@ -38,6 +37,7 @@ from ._deadline import current_request as _request_deadline
 from ._health import CheckResult, HealthMonitor, HealthStatus
 from ._kernel import Kernel, Service, parameters
 from ._observe import JobObserver, TaskObserver, job_observer, task_observer
+from ._servers import stop_whole_server
 from ._toolkit import backoff_ceiling
 from ._validate import count, seconds
 from .exceptions import GraphError, JobAbandoned, PoolClosed, QueueFull
@@ -1054,8 +1054,10 @@ class BackgroundTask:
             extra={"task": self.name, "phase": "give-up"},
         )
         if self.on_give_up == "shutdown":
-            # uvicorn (and most servers) shut down gracefully on SIGTERM.
-            signal.raise_signal(signal.SIGTERM)
+            # SIGTERM, which every server takes as "shut down gracefully", to the server's
+            # supervisor when this process is one of its workers: a worker that stopped only
+            # itself would be started again, and fail again.
+            stop_whole_server()
 
     def statistics(self) -> BackgroundStatistics:
         """A frozen snapshot of the supervisor's state."""

@@ -63,6 +63,8 @@ class StartupError(LifecycleError):
         rolled_back: Services that had started and were stopped again, in the order their
             stops began.
         rollback_errors: Cleanups that failed or timed out during the rollback, by service.
+        interrupted_by: The signal (``"SIGINT"``, ``"SIGTERM"``) that aborted the startup, or
+            ``None`` if it was not interrupted; ``failures`` is then empty.
     """
 
     def __init__(
@@ -73,12 +75,14 @@ class StartupError(LifecycleError):
         cancelled: Sequence[str] = (),
         rolled_back: Sequence[str] = (),
         rollback_errors: Mapping[str, BaseException] | None = None,
+        interrupted_by: str | None = None,
     ) -> None:
         super().__init__(message)
         self.failures: dict[str, BaseException] = dict(failures)
         self.cancelled: tuple[str, ...] = tuple(cancelled)
         self.rolled_back: tuple[str, ...] = tuple(rolled_back)
         self.rollback_errors: dict[str, BaseException] = dict(rollback_errors or {})
+        self.interrupted_by = interrupted_by
 
 
 class ShutdownError(LifecycleError):
@@ -99,7 +103,15 @@ class ServiceNotRunning(LifecycleError, LookupError):
 
     Raised by typed accessors such as `lifecycle.fastapi.provide` when the app's lifespan has
     not started the service (or has already stopped it).
+
+    Attributes:
+        never_started: Whether the Lifecycle has never run in this process at all: at request
+            time, the server did not run the app's lifespan.
     """
+
+    def __init__(self, message: str, *, never_started: bool = False) -> None:
+        super().__init__(message)
+        self.never_started = never_started
 
 
 class QueueFull(LifecycleError):

@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from ._kernel import Service
+from ._servers import no_lifespan_message
 from ._timeline import LifecycleState
 from ._validate import seconds
 from .exceptions import ServiceNotRunning
@@ -56,15 +57,13 @@ def provide(service: Service[T]) -> Callable[[], Awaitable[T]]:
         try:
             return lifecycle.get(service)
         except ServiceNotRunning as exc:
-            # Never started at all is a mistake (a forgotten lifespan=); the rest, a start or
-            # a drain, is the ordinary life of a server.
-            idle = lifecycle.state in (
-                LifecycleState.IDLE,
-                LifecycleState.STOPPED,
-                LifecycleState.FAILED,
-            )
-            level = logging.WARNING if idle else logging.INFO
-            _log.log(level, "%s Answering 503.", exc)
+            if exc.never_started:
+                # The server never ran the lifespan: said once, as an error, with the fix.
+                no_lifespan_message()
+            elif lifecycle.state in (LifecycleState.STOPPED, LifecycleState.FAILED):
+                _log.warning("%s Answering 503.", exc)
+            else:  # a start or a drain: the ordinary life of a server
+                _log.info("%s Answering 503.", exc)
             raise ServiceUnavailable from exc
 
     dependency.__name__ = f"provide_{service.name}"

@@ -27,6 +27,7 @@ from ._problem import (
     new_instance,
     problem_body,
 )
+from ._servers import no_lifespan_message
 from .exceptions import PoolClosed, QueueFull, ServiceNotRunning
 
 if TYPE_CHECKING:
@@ -87,13 +88,16 @@ def exception_handlers(
             detail = "The server is shutting down; retry on another instance."
         else:
             kind, title = SERVICE_UNAVAILABLE_TYPE, "Service unavailable"
-            detail = (
-                "A service this request needs is not running (the server is starting or "
-                "shutting down); retry later."
-            )
             cause = exc.__cause__
             if isinstance(cause, ServiceNotRunning):
                 exc = cause  # what the log names
+            if isinstance(exc, ServiceNotRunning) and exc.never_started:
+                detail = no_lifespan_message()  # logged once, as an error
+            else:
+                detail = (
+                    "A service this request needs is not running (the server is starting or "
+                    "shutting down); retry later."
+                )
         body = problem_body(503, kind, title, detail, instance)
         _LOG.info("Answered 503 to %s %s (%s): %s", request.method, request.url.path, instance, exc)
         return Response(
@@ -188,6 +192,7 @@ def _presents_token(request: Request, token: bytes) -> bool:
 import logging  # noqa: E402
 
 from ._health import HEALTH_JSON, HealthReport, HealthStatus  # noqa: E402
+from ._timeline import LifecycleState  # noqa: E402
 
 __all__ += ["health_routes"]
 
@@ -279,8 +284,14 @@ def health_routes(
         return False
 
     def answer(report: HealthReport, request: Request) -> Response:
+        body = report.to_json(details=may_see_details(request))
+        if lifecycle.state is LifecycleState.IDLE:
+            # A probe of an app whose lifespan never ran: say why, to everyone (it is no secret).
+            document = json.loads(body)
+            document["output"] = no_lifespan_message()
+            body = json.dumps(document).encode()
         return Response(
-            report.to_json(details=may_see_details(request)),
+            body,
             status_code=codes[report.status],
             media_type=HEALTH_JSON,
             headers=_NO_STORE,
@@ -337,11 +348,17 @@ def metrics_route(registry: CollectorRegistry | None = None, *, path: str = "/me
 
     The exposition format follows the scraper's ``Accept`` header (the Prometheus text
     format, or OpenMetrics when asked for), ``?name[]=...`` restricts the answer to some
-    metrics, and every answer carries ``Cache-Control: no-store``. Pair it with
-    `lifecycle.instrument_metrics`::
+    metrics, the body is gzipped when the scraper accepts it (Prometheus does), and every
+    answer carries ``Cache-Control: no-store``; prometheus-client's own exposition helpers
+    do the work. Pair it with `lifecycle.instrument_metrics`::
 
         metrics = lifecycle.instrument_metrics(lc, registry=registry)
         app = Starlette(lifespan=lc.lifespan, routes=[metrics_route(registry)])
+
+    In prometheus-client's multiprocess mode (``PROMETHEUS_MULTIPROC_DIR`` set, as under
+    ``uvicorn --workers N``) and without a ``registry``, it serves what every process wrote
+    to that directory, merged, after writing this process's current values: one scrape sees
+    every worker.
 
     The default exempt paths of `lifecycle.DeadlineMiddleware` and
     `lifecycle.ConcurrencyLimitMiddleware` include ``/metrics``, so a saturated service still
@@ -349,7 +366,7 @@ def metrics_route(registry: CollectorRegistry | None = None, *, path: str = "/me
 
     Args:
         registry: The registry to serve; ``None`` for prometheus-client's default
-            ``REGISTRY``.
+            ``REGISTRY``, or in multiprocess mode the merged view of every process.
         path: Where to mount the route.
 
     Returns:
@@ -358,19 +375,41 @@ def metrics_route(registry: CollectorRegistry | None = None, *, path: str = "/me
     Raises:
         ImportError: prometheus-client is not installed
             (``pip install 'anyio-lifecycle[metrics]'``).
+        ValueError: ``PROMETHEUS_MULTIPROC_DIR`` names no directory.
     """
-    from ._metrics import require_prometheus
+    from ._metrics import multiprocess_directory, refresh_multiprocess, require_prometheus
 
     require_prometheus()
-    from prometheus_client import REGISTRY
-    from prometheus_client.exposition import choose_encoder
+    import gzip
 
-    source = registry if registry is not None else REGISTRY
+    from prometheus_client import REGISTRY, CollectorRegistry
+    from prometheus_client.exposition import choose_encoder, gzip_accepted
+
+    directory = multiprocess_directory() if registry is None else None
+
+    def source() -> CollectorRegistry:
+        if directory is None:
+            return registry if registry is not None else REGISTRY
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        refresh_multiprocess()
+        merged = CollectorRegistry()
+        MultiProcessCollector(merged, path=directory)  # type: ignore[no-untyped-call]
+        return merged
 
     async def metrics(request: Request) -> Response:
         encoder, content_type = choose_encoder(request.headers.get("accept", ""))
         names = request.query_params.getlist("name[]")
-        body = encoder(source.restricted_registry(names) if names else source)
-        return Response(body, headers={"Content-Type": content_type, "Cache-Control": "no-store"})
+        served = source()
+        body = encoder(served.restricted_registry(names) if names else served)
+        headers = {
+            "Content-Type": content_type,
+            "Cache-Control": "no-store",
+            "Vary": "Accept-Encoding",
+        }
+        if gzip_accepted(request.headers.get("accept-encoding", "")):
+            body = gzip.compress(body)
+            headers["Content-Encoding"] = "gzip"
+        return Response(body, headers=headers)
 
     return Route(path, metrics, methods=["GET"], name="lifecycle_metrics")

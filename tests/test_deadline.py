@@ -958,8 +958,14 @@ class RecordingObserver:
         self.started: list[float] = []
         self.finished: list[tuple[float, str]] = []
 
-    def request_started(self, budget: float, client_budget: float | None) -> None:
+    def request_started(
+        self, scope: object, budget: float, client_budget: float | None
+    ) -> RecordingObserver:
         self.started.append(budget)
+        return self
+
+    def response_started(self, remaining: float, outcome: str) -> None:
+        pass
 
     def request_finished(self, remaining: float, outcome: str) -> None:
         self.finished.append((remaining, outcome))

@@ -10,7 +10,6 @@ left running in any of them; a deadline that expires mid-stream aborts the respo
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,8 @@ import httpx
 import pytest
 
 import lifecycle
+
+from .servers import free_ports
 
 pytestmark = pytest.mark.slow
 
@@ -45,14 +46,6 @@ class Hop:
 
     def log_text(self) -> str:
         return self.log.read_text()
-
-
-def free_ports(count: int) -> list[int]:
-    with ExitStack() as stack:
-        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [int(sock.getsockname()[1]) for sock in sockets]
 
 
 def wait_ready(hop: Hop, process: subprocess.Popen[bytes], deadline: float) -> None:

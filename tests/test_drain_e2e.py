@@ -10,6 +10,7 @@ reverse dependency order, and the process exits by itself within drain_delay + g
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import re
@@ -90,6 +91,7 @@ def server_factory(tmp_path: Path) -> Iterator[object]:
                 stdout=sink,
                 stderr=subprocess.STDOUT,
                 text=True,
+                start_new_session=True,  # a group of its own, uvicorn's workers included
             )
         server = Server(port, process, log)
         started.append(server)
@@ -97,8 +99,8 @@ def server_factory(tmp_path: Path) -> Iterator[object]:
 
     yield start
     for server in started:
-        if server.process.poll() is None:
-            server.process.kill()
+        with contextlib.suppress(ProcessLookupError):  # the group: no worker left behind
+            os.killpg(server.process.pid, signal.SIGKILL)
         server.process.wait(timeout=10)
 
 

@@ -92,7 +92,9 @@ async def exercise_items() -> dict[str, object]:
         assert checks["cache"][0]["status"] == "pass"
         assert (await client.get("/livez")).status_code == 200
         metrics = (await client.get("/metrics")).text
-        assert 'lifecycle_service_state{service="db",state="running"} 1.0' in metrics
+        assert (
+            'lifecycle_service_state{lifecycle_service_state="running",service="db"} 1.0' in metrics
+        )
     jobs = warm_cache.statistics()
     assert jobs.accepted == jobs.completed == 1  # the new item was warmed, then drained
     assert_stopped_before(lc, "worker:warm_cache", "db")

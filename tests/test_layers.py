@@ -25,6 +25,8 @@ LAYERS: dict[str, set[str]] = {
         "_deadline",
         "_admission",
         "_problem",
+        "_signals",
+        "_servers",
     },
     "kernel": {"_kernel"},
     "extensions": {"_observe", "_drain", "_health", "_workers"},

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -16,7 +17,7 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse
-from starlette.routing import Route
+from starlette.routing import Mount, Route
 
 import lifecycle
 from lifecycle import (
@@ -122,14 +123,30 @@ async def test_scenario_scraped_from_the_metrics_route() -> None:
         running = parse(response.text)
 
     # While running: the lifecycle and its services.
-    assert value(running, "lifecycle_state", state="running") == 1
-    assert value(running, "lifecycle_state", state="starting") == 0
+    assert value(running, "lifecycle_state", lifecycle_state="running") == 1
+    assert value(running, "lifecycle_state", lifecycle_state="starting") == 0
     assert value(running, "lifecycle_draining") == 0
     assert value(running, "lifecycle_startup_duration_seconds") > 0
     assert ("lifecycle_shutdown_duration_seconds", frozenset()) not in running
     for service in ("db", "worker:jobs", "background:flaky", "periodic:report"):
-        assert value(running, "lifecycle_service_state", service=service, state="running") == 1
-        assert value(running, "lifecycle_service_state", service=service, state="stopped") == 0
+        assert (
+            value(
+                running,
+                "lifecycle_service_state",
+                service=service,
+                lifecycle_service_state="running",
+            )
+            == 1
+        )
+        assert (
+            value(
+                running,
+                "lifecycle_service_state",
+                service=service,
+                lifecycle_service_state="stopped",
+            )
+            == 0
+        )
         assert value(running, "lifecycle_service_start_duration_seconds", service=service) >= 0
     # The pool: one running, two queued, one of each outcome so far, one rejected.
     assert value(running, "lifecycle_pool_running_jobs", pool="jobs") == 1
@@ -149,28 +166,55 @@ async def test_scenario_scraped_from_the_metrics_route() -> None:
     assert value(running, f"{wait}_sum", pool="jobs") >= 0
     assert value(running, "lifecycle_pool_job_run_duration_seconds_count", pool="jobs") == 2
     # The supervised tasks: one gave up after a restart, one waits out a 30 s backoff.
-    assert value(running, "lifecycle_background_state", task="flaky", state="gave_up") == 1
-    assert value(running, "lifecycle_background_state", task="flaky", state="running") == 0
+    assert (
+        value(
+            running,
+            "lifecycle_background_state",
+            task="flaky",
+            lifecycle_background_state="gave_up",
+        )
+        == 1
+    )
+    assert (
+        value(
+            running,
+            "lifecycle_background_state",
+            task="flaky",
+            lifecycle_background_state="running",
+        )
+        == 0
+    )
     assert value(running, "lifecycle_background_restarts_total", task="flaky") == 1
     assert value(running, "lifecycle_background_failures_total", task="flaky") == 2
     assert value(running, "lifecycle_background_backoff_remaining_seconds", task="flaky") == 0
-    assert value(running, "lifecycle_background_state", task="patient", state="backoff") == 1
+    assert (
+        value(
+            running,
+            "lifecycle_background_state",
+            task="patient",
+            lifecycle_background_state="backoff",
+        )
+        == 1
+    )
     backoff = value(running, "lifecycle_background_backoff_remaining_seconds", task="patient")
     assert 25 < backoff <= 30
     # The periodic job ran once and failed.
-    assert value(running, "lifecycle_periodic_runs_total", job="report") == 1
-    assert value(running, "lifecycle_periodic_failures_total", job="report") == 1
-    assert value(running, "lifecycle_periodic_timeouts_total", job="report") == 0
-    assert value(running, "lifecycle_periodic_running", job="report") == 0
-    assert value(running, "lifecycle_periodic_last_duration_seconds", job="report") >= 0
+    assert value(running, "lifecycle_periodic_runs_total", periodic="report") == 1
+    assert value(running, "lifecycle_periodic_failures_total", periodic="report") == 1
+    assert value(running, "lifecycle_periodic_timeouts_total", periodic="report") == 0
+    assert value(running, "lifecycle_periodic_running", periodic="report") == 0
+    assert value(running, "lifecycle_periodic_last_duration_seconds", periodic="report") >= 0
 
     # After shutdown: the drain ran out, so the blocked job and the two queued were abandoned.
     stopped = parse(generate_latest(registry).decode())
-    assert value(stopped, "lifecycle_state", state="stopped") == 1
-    assert value(stopped, "lifecycle_state", state="running") == 0
+    assert value(stopped, "lifecycle_state", lifecycle_state="stopped") == 1
+    assert value(stopped, "lifecycle_state", lifecycle_state="running") == 0
     assert value(stopped, "lifecycle_shutdown_duration_seconds") >= 0.01  # db's cleanup
     assert value(stopped, "lifecycle_service_stop_duration_seconds", service="db") >= 0.01
-    assert value(stopped, "lifecycle_service_state", service="db", state="stopped") == 1
+    assert (
+        value(stopped, "lifecycle_service_state", service="db", lifecycle_service_state="stopped")
+        == 1
+    )
     assert value(stopped, "lifecycle_pool_jobs_abandoned_total", pool="jobs") == 3
     assert value(stopped, "lifecycle_pool_queued_jobs", pool="jobs") == 0
     assert value(stopped, "lifecycle_pool_running_jobs", pool="jobs") == 0
@@ -187,7 +231,15 @@ async def test_scenario_scraped_from_the_metrics_route() -> None:
     assert value(stopped, f"{run}_count", pool="jobs") == 2
     assert value(stopped, f"{wait}_sum", pool="jobs") == pytest.approx(stats.wait_time_total)
     assert value(stopped, f"{run}_sum", pool="jobs") == pytest.approx(stats.run_time_total)
-    assert value(stopped, "lifecycle_background_state", task="patient", state="stopped") == 1
+    assert (
+        value(
+            stopped,
+            "lifecycle_background_state",
+            task="patient",
+            lifecycle_background_state="stopped",
+        )
+        == 1
+    )
     metrics.close()
 
 
@@ -209,9 +261,15 @@ async def test_a_failed_startup_shows_the_failed_service() -> None:
         async with lc.run():
             pass
     samples = parse(generate_latest(registry).decode())
-    assert value(samples, "lifecycle_state", state="failed") == 1
-    assert value(samples, "lifecycle_service_state", service="cache", state="failed") == 1
-    assert value(samples, "lifecycle_service_state", service="db", state="stopped") == 1
+    assert value(samples, "lifecycle_state", lifecycle_state="failed") == 1
+    assert (
+        value(samples, "lifecycle_service_state", service="cache", lifecycle_service_state="failed")
+        == 1
+    )
+    assert (
+        value(samples, "lifecycle_service_state", service="db", lifecycle_service_state="stopped")
+        == 1
+    )
     assert ("lifecycle_service_start_duration_seconds", frozenset({("service", "db")})) in samples
 
 
@@ -238,20 +296,76 @@ async def test_health_checks_probes_and_event_loop_lag() -> None:
         await anyio.sleep(0.05)  # the watchdog measures the lag
         samples = parse(generate_latest(registry).decode())
 
-    assert value(samples, "lifecycle_health_check_status", check="database", status="pass") == 1
-    assert value(samples, "lifecycle_health_check_status", check="database", status="fail") == 0
-    assert value(samples, "lifecycle_health_check_status", check="search", status="fail") == 1
+    assert (
+        value(
+            samples,
+            "lifecycle_health_check_status",
+            check="database",
+            lifecycle_health_check_status="pass",
+        )
+        == 1
+    )
+    assert (
+        value(
+            samples,
+            "lifecycle_health_check_status",
+            check="database",
+            lifecycle_health_check_status="fail",
+        )
+        == 0
+    )
+    assert (
+        value(
+            samples,
+            "lifecycle_health_check_status",
+            check="search",
+            lifecycle_health_check_status="fail",
+        )
+        == 1
+    )
     assert value(samples, "lifecycle_health_check_runs_total", check="search") == 1
     assert value(samples, "lifecycle_health_check_failures_total", check="search") == 1
     assert value(samples, "lifecycle_health_check_failures_total", check="database") == 0
     assert value(samples, "lifecycle_health_check_timeouts_total", check="search") == 0
     assert value(samples, "lifecycle_health_check_duration_seconds", check="database") >= 0
     # The failing check is not critical: readiness passes; the blocked loop degrades liveness.
-    assert value(samples, "lifecycle_health_probe_status", probe="readiness", status="pass") == 1
-    assert value(samples, "lifecycle_health_probe_status", probe="liveness", status="warn") == 1
-    assert value(samples, "lifecycle_health_probe_status", probe="startup", status="pass") == 1
+    assert (
+        value(
+            samples,
+            "lifecycle_health_probe_status",
+            probe="readiness",
+            lifecycle_health_probe_status="pass",
+        )
+        == 1
+    )
+    assert (
+        value(
+            samples,
+            "lifecycle_health_probe_status",
+            probe="liveness",
+            lifecycle_health_probe_status="warn",
+        )
+        == 1
+    )
+    assert (
+        value(
+            samples,
+            "lifecycle_health_probe_status",
+            probe="startup",
+            lifecycle_health_probe_status="pass",
+        )
+        == 1
+    )
     assert value(samples, "lifecycle_event_loop_lag_seconds") >= 0.25
-    assert value(samples, "lifecycle_service_state", service="health:search", state="running") == 1
+    assert (
+        value(
+            samples,
+            "lifecycle_service_state",
+            service="health:search",
+            lifecycle_service_state="running",
+        )
+        == 1
+    )
 
 
 async def test_no_health_metrics_and_no_monitor_unless_health_is_used() -> None:
@@ -339,6 +453,89 @@ async def test_deadline_and_admission_counters_of_watched_middleware() -> None:
     assert value(after, "lifecycle_admission_waited_total") == 0
 
 
+async def test_request_counters_are_labelled_by_route_template_and_method() -> None:
+    """Bounded labels: the template, never the raw path; one fixed value when nothing matched;
+    a request rejected before routing is matched against the app's routes."""
+    registry = CollectorRegistry()
+    lc = Lifecycle()
+    metrics = instrument_metrics(lc, registry=registry)
+    holding = anyio.Event()
+    release = anyio.Event()
+
+    async def item(request: Request) -> PlainTextResponse:
+        return PlainTextResponse(str(request.path_params))
+
+    async def slow(request: Request) -> PlainTextResponse:
+        await anyio.sleep_forever()
+        raise AssertionError  # pragma: no cover
+
+    async def hold(request: Request) -> PlainTextResponse:
+        holding.set()
+        await release.wait()
+        return PlainTextResponse("held")
+
+    app = Starlette(
+        lifespan=lc.lifespan,
+        routes=[
+            Route("/items/{item_id}", item, methods=["GET", "POST"]),
+            Route("/slow", slow),
+            Route("/hold", hold),
+            Mount("/api", routes=[Route("/users/{user_id}", item)]),
+            metrics_route(registry),
+        ],
+        middleware=[
+            Middleware(DeadlineMiddleware, default_timeout=5.0, reserve=0.0),
+            Middleware(ConcurrencyLimitMiddleware, max_concurrency=1, max_waiting=0),
+        ],
+    )
+    metrics.watch(app)
+    async with lifespan_client(app) as client:
+        for number in range(3):
+            assert (await client.get(f"/items/{number}")).status_code == 200
+        assert (await client.post("/items/7")).status_code == 200
+        assert (await client.get("/api/users/5")).status_code == 200
+        assert (await client.get("/nowhere/1")).status_code == 404
+        assert (await client.request("BREW", "/items/1")).status_code == 405
+        expired = await client.get("/slow", headers={"x-request-timeout-ms": "20"})
+        assert expired.status_code == 504
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(client.get, "/hold")
+            await holding.wait()
+            assert (await client.get("/items/9")).status_code == 503
+            release.set()
+        text = (await client.get("/metrics")).text
+    samples = parse(text)
+    deadline = "lifecycle_deadline_requests_total"
+    # Three served, and the one the admission control rejected inside the deadline.
+    assert (
+        value(samples, deadline, route="/items/{item_id}", method="GET", outcome="completed") == 4
+    )
+    assert (
+        value(samples, deadline, route="/items/{item_id}", method="POST", outcome="completed") == 1
+    )
+    assert (
+        value(samples, deadline, route="/items/{item_id}", method="_OTHER", outcome="completed")
+        == 1
+    )
+    assert (
+        value(samples, deadline, route="/api/users/{user_id}", method="GET", outcome="completed")
+        == 1
+    )
+    assert value(samples, deadline, route="unmatched", method="GET", outcome="completed") == 1
+    assert value(samples, deadline, route="/slow", method="GET", outcome="expired") == 1
+    admission = "lifecycle_admission_requests_total"
+    assert (
+        value(samples, admission, route="/items/{item_id}", method="GET", outcome="admitted") == 3
+    )
+    assert (
+        value(samples, admission, route="/items/{item_id}", method="GET", outcome="rejected") == 1
+    )
+    assert value(samples, admission, route="/hold", method="GET", outcome="admitted") == 1
+    assert "/items/9" not in text
+    assert "/items/1" not in text
+    assert "/nowhere" not in text
+
+
 async def test_middleware_instances_can_be_watched_directly() -> None:
     registry = CollectorRegistry()
     lc = Lifecycle()
@@ -378,6 +575,78 @@ async def test_route_negotiates_openmetrics_and_filters_by_name() -> None:
     assert "lifecycle_state" in open_metrics.text
     names = {family.name for family in text_string_to_metric_families(filtered.text)}
     assert names == {"lifecycle_draining"}
+
+
+async def test_route_gzips_for_scrapers_that_accept_it() -> None:
+    registry = CollectorRegistry()
+    lc = Lifecycle()
+    instrument_metrics(lc, registry=registry)
+    app = Starlette(lifespan=lc.lifespan, routes=[metrics_route(registry)])
+    async with lifespan_client(app) as client:
+        zipped = await client.get("/metrics", headers={"accept-encoding": "gzip"})
+        plain = await client.get("/metrics", headers={"accept-encoding": "identity"})
+    assert zipped.headers["content-encoding"] == "gzip"
+    assert zipped.headers["vary"] == "Accept-Encoding"
+    assert int(zipped.headers["content-length"]) < len(zipped.content)  # httpx unzipped it
+    assert "content-encoding" not in plain.headers
+    assert zipped.text == plain.text
+
+
+async def test_multiprocess_mode_writes_this_process_and_serves_the_merged_view(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """In one process here; tests/test_metrics_e2e.py runs it under uvicorn --workers 2."""
+    import os
+
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    lc = Lifecycle()
+
+    @lc.worker(queue_size=7)
+    async def index(job: int) -> None:
+        pass
+
+    metrics = instrument_metrics(lc, registry=CollectorRegistry(), multiprocess_interval=60)
+    assert "metrics:multiprocess" in lc.declared
+    app = Starlette(lifespan=lc.lifespan, routes=[metrics_route()])
+    try:
+        async with lifespan_client(app) as client:
+            await index.call(1)
+            await index.call(2)
+            merged = parse((await client.get("/metrics")).text)
+    finally:
+        metrics.close()
+    pid = str(os.getpid())
+    # A gauge per process (its pid), counters and histograms summed over the processes.
+    assert value(merged, "lifecycle_pool_queue_capacity_jobs", pool="index", pid=pid) == 7
+    assert value(merged, "lifecycle_pool_jobs_completed_total", pool="index") == 2
+    assert value(merged, "lifecycle_pool_job_run_duration_seconds_count", pool="index") == 2
+    assert (
+        value(merged, "lifecycle_pool_job_run_duration_seconds_bucket", pool="index", le="+Inf")
+        == 2
+    )
+    stateset = {"service": "db", "lifecycle_service_state": "running", "pid": pid}
+    assert ("lifecycle_service_state", frozenset(stateset.items())) not in merged  # no db
+    running = {"service": "worker:index", "lifecycle_service_state": "running", "pid": pid}
+    assert merged[("lifecycle_service_state", frozenset(running.items()))] == 1
+    # Stopped: the process's gauges left with it; its counters stay in the sums.
+    files = sorted([path.name async for path in anyio.Path(tmp_path).iterdir()])
+    assert files == [f"counter_{pid}.db", f"histogram_{pid}.db"], files
+
+
+def test_multiprocess_mode_says_what_it_needs(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
+    with pytest.raises(ValueError, match="PROMETHEUS_MULTIPROC_DIR set to a directory"):
+        instrument_metrics(Lifecycle(), registry=CollectorRegistry(), multiprocess=True)
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="is not a directory; create it"):
+        instrument_metrics(Lifecycle(), registry=CollectorRegistry())
+    with pytest.raises(ValueError, match="is not a directory; create it"):
+        metrics_route()
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    with pytest.raises(ValueError, match="multiprocess_interval"):
+        instrument_metrics(Lifecycle(), registry=CollectorRegistry(), multiprocess_interval=0)
 
 
 async def test_fastapi_router() -> None:

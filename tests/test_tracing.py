@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
+from typing import Any
 
 import anyio
 import anyio.lowlevel
@@ -11,11 +12,11 @@ from anyio.abc import TaskStatus
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.trace import StatusCode, Tracer
+from opentelemetry.trace import SpanKind, StatusCode, Tracer
 from prometheus_client import CollectorRegistry, generate_latest
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import PlainTextResponse
+from starlette.responses import PlainTextResponse, StreamingResponse
 from starlette.routing import Route
 
 from lifecycle import Lifecycle, StartupError, instrument_metrics, instrument_tracing
@@ -115,7 +116,7 @@ async def test_start_and_stop_spans_follow_the_dependency_graph(spans: Spans) ->
     assert startup.parent is None
     assert shutdown.parent is None
     assert startup.attributes is not None
-    assert startup.attributes["lifecycle.services"] == 4
+    assert startup.attributes["lifecycle.service.count"] == 4
     start = {name: spans.one(f"start {name}") for name in ("settings", "db", "cache", "api")}
     stop = {name: spans.one(f"stop {name}") for name in ("settings", "db", "cache", "api")}
     for name in start:
@@ -123,7 +124,7 @@ async def test_start_and_stop_spans_follow_the_dependency_graph(spans: Spans) ->
         assert trace_id(start[name]) == trace_id(startup)
         assert parent_of(stop[name]) == span_id(shutdown)
         assert start[name].attributes is not None
-        assert start[name].attributes["lifecycle.service"] == name
+        assert start[name].attributes["lifecycle.service.name"] == name
         assert start[name].status.status_code is StatusCode.UNSET
     # Starts link to the starts of their dependencies ...
     assert linked(start["settings"]) == set()
@@ -323,8 +324,8 @@ async def test_a_job_is_a_child_of_the_request_that_submitted_it(spans: Spans) -
     assert parent_of(job) == span_id(request)
     assert trace_id(job) == trace_id(request)
     assert job.attributes is not None
-    assert job.attributes["lifecycle.pool"] == "index"
-    wait = job.attributes["lifecycle.job.wait_seconds"]
+    assert job.attributes["lifecycle.pool.name"] == "index"
+    wait = job.attributes["lifecycle.job.wait.duration"]
     assert isinstance(wait, float)
     assert wait >= 0
     assert job.status.status_code is StatusCode.UNSET
@@ -422,10 +423,13 @@ async def test_restarts_and_periodic_runs_are_traces_linked_to_their_service(
         assert restart.parent is None
         assert linked(restart) == {span_id(start_listener)}
         assert restart.attributes is not None
-        assert restart.attributes["lifecycle.task"] == "listener"
-        assert restart.attributes["lifecycle.restart"] == number
-        assert restart.attributes["lifecycle.error"] == f"ConnectionError: lost connection {number}"
-        backoff = restart.attributes["lifecycle.backoff_seconds"]
+        assert restart.attributes["lifecycle.task.name"] == "listener"
+        assert restart.attributes["lifecycle.restart.count"] == number
+        assert (
+            restart.attributes["lifecycle.restart.cause"]
+            == f"ConnectionError: lost connection {number}"
+        )
+        backoff = restart.attributes["lifecycle.restart.backoff.duration"]
         assert isinstance(backoff, float)
         assert 0 <= backoff <= 0.001 * 2 ** (number - 1)
 
@@ -455,7 +459,7 @@ async def test_the_observer_side_of_health_check_spans(spans: Spans) -> None:
     run = spans.one("health database")
     assert run.parent is None
     assert run.attributes is not None
-    assert run.attributes["lifecycle.check"] == "database"
+    assert run.attributes["lifecycle.check.name"] == "database"
     assert run.status.description == "ConnectionError: database is down"
 
 
@@ -575,34 +579,158 @@ async def test_each_health_check_run_is_a_span_when_asked(spans: Spans) -> None:
     assert all(span.parent is None for span in spans.named("health ping"))  # own traces
 
 
-async def test_the_request_span_gets_the_deadline(spans: Spans) -> None:
-    from starlette.applications import Starlette
-    from starlette.responses import PlainTextResponse
-    from starlette.routing import Route
+# -- deadlines on the server span of a real instrumentation ------------------------------
+
+
+async def _quick(request: Request) -> PlainTextResponse:
+    return PlainTextResponse("ok")
+
+
+async def _slow(request: Request) -> PlainTextResponse:
+    await anyio.sleep(10)
+    return PlainTextResponse("too late")
+
+
+async def _stream(request: Request) -> StreamingResponse:
+    async def chunks() -> AsyncIterator[bytes]:
+        yield b"first"
+        await anyio.sleep(10)
+        yield b"never"
+
+    return StreamingResponse(chunks())
+
+
+def _instrumented_app(instrumentation: str, spans: Spans) -> Any:
+    """A real app with a `DeadlineMiddleware`, under a real server instrumentation."""
+    from fastapi import FastAPI
 
     import lifecycle
-    from lifecycle.testing import lifespan_client
 
-    async def quick(request: object) -> PlainTextResponse:
-        return PlainTextResponse("ok")
+    options = {"default_timeout": 0.1, "max_timeout": 1.0, "reserve": 0.0}
+    paths = {"/quick": _quick, "/slow": _slow, "/stream": _stream}
+    if instrumentation == "asgi":
+        from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
+
+        starlette = Starlette(routes=[Route(path, fn) for path, fn in paths.items()])
+        return OpenTelemetryMiddleware(
+            lifecycle.DeadlineMiddleware(starlette, **options),
+            tracer_provider=spans.provider,
+            meter_provider=_no_meters(),
+        )
+    if instrumentation == "fastapi-instrumentor":
+        from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
+
+        app = FastAPI()
+        FastAPIInstrumentor.instrument_app(
+            app, tracer_provider=spans.provider, meter_provider=_no_meters()
+        )
+    else:  # FastAPI's own telemetry (FastAPI(telemetry=...), fastapi >= 0.136)
+        app = FastAPI(telemetry={"tracer_provider": spans.provider, "metrics": False})
+    for path, fn in paths.items():
+        app.add_route(path, fn)
+    app.add_middleware(lifecycle.DeadlineMiddleware, **options)
+    return app
+
+
+async def _raw_get(app: Any, path: str) -> list[dict[str, Any]]:
+    """Call ``app`` as a server would and return the messages it sent."""
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"host", b"testserver")],
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 80),
+    }
+    sent: list[dict[str, Any]] = []
+    received = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal received
+        if not received:
+            received = True
+            return {"type": "http.request", "body": b"", "more_body": False}
+        await anyio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(dict(message))
+
+    with anyio.fail_after(5):
+        await app(scope, receive, send)
+    return sent
+
+
+def _no_meters() -> Any:
+    from opentelemetry.metrics import NoOpMeterProvider
+
+    return NoOpMeterProvider()
+
+
+@pytest.mark.parametrize("instrumentation", ["asgi", "fastapi-instrumentor", "fastapi-native"])
+async def test_the_server_span_of_a_real_instrumentation_gets_the_deadline(
+    spans: Spans, instrumentation: str
+) -> None:
+    """The instrumentation ends its span on the response's last message, before the deadline
+    middleware returns: the deadline must be on it by then."""
+    lc = Lifecycle()
+    tracing = instrument_tracing(lc, tracer_provider=spans.provider)
+    try:
+        app = _instrumented_app(instrumentation, spans)
+        async with lifespan_client(app) as client:
+            quick = await client.get("/quick", headers={"x-request-timeout-ms": "3000"})
+            slow = await client.get("/slow")
+        # httpx's ASGI transport refuses a truncated response: the aborted stream is read raw.
+        stream = await _raw_get(app, "/stream")
+    finally:
+        tracing.close()
+    assert quick.status_code == 200
+    assert slow.status_code == 504
+    assert [m["type"] for m in stream] == ["http.response.start", "http.response.body"]
+    assert stream[-1]["more_body"]  # aborted after it started: no final body message
+    servers = {
+        span.attributes.get("url.path", span.attributes.get("http.target")): span
+        for span in spans.all()
+        if span.kind is SpanKind.SERVER and span.attributes is not None
+    }
+    assert set(servers) == {"/quick", "/slow", "/stream"}, spans.names()
+    quick_attributes = servers["/quick"].attributes or {}
+    assert quick_attributes["lifecycle.deadline.client_budget"] == 3.0
+    assert quick_attributes["lifecycle.deadline.budget"] == 1.0  # clamped to max_timeout
+    remaining = quick_attributes["lifecycle.deadline.remaining"]
+    assert isinstance(remaining, float)
+    assert 0.5 < remaining <= 1.0
+    assert quick_attributes["lifecycle.deadline.outcome"] == "completed"
+    slow_attributes = servers["/slow"].attributes or {}
+    assert slow_attributes["lifecycle.deadline.budget"] == 0.1
+    assert "lifecycle.deadline.client_budget" not in slow_attributes
+    assert slow_attributes["lifecycle.deadline.outcome"] == "expired"
+    assert -0.5 < float(slow_attributes["lifecycle.deadline.remaining"]) <= 0.0  # type: ignore[arg-type]
+    stream_attributes = servers["/stream"].attributes or {}
+    assert stream_attributes["lifecycle.deadline.outcome"] == "aborted"
+    assert float(stream_attributes["lifecycle.deadline.remaining"]) <= 0.0  # type: ignore[arg-type]
+
+
+async def test_a_request_without_a_recording_span_is_not_watched(spans: Spans) -> None:
+    import lifecycle
 
     lc = Lifecycle()
     tracing = instrument_tracing(lc, tracer_provider=spans.provider)
-    tracer = spans.provider.get_tracer("test")
     try:
         app = lifecycle.DeadlineMiddleware(
-            Starlette(routes=[Route("/", quick)], lifespan=lc.lifespan), max_timeout=1.0
+            Starlette(routes=[Route("/quick", _quick)]), default_timeout=1.0
         )
-        async with lifespan_client(app) as client:
-            with tracer.start_as_current_span("GET /"):  # what a server instrumentation opens
-                assert (await client.get("/", headers={"x-request-timeout-ms": "3000"})).is_success
+        async with lifespan_client(app, lifespan="off") as client:
+            assert (await client.get("/quick")).is_success
     finally:
         tracing.close()
-    attributes = spans.one("GET /").attributes or {}
-    assert attributes["lifecycle.deadline.client_budget_ms"] == 3000
-    assert attributes["lifecycle.deadline.budget_ms"] == 1000  # clamped to max_timeout
-    assert 900 < int(attributes["lifecycle.deadline.remaining_ms"]) <= 1000  # type: ignore[arg-type]
-    assert attributes["lifecycle.deadline.outcome"] == "completed"
+    assert spans.all() == ()
 
 
 async def test_by_default_only_the_runs_that_change_something_are_traced(spans: Spans) -> None:

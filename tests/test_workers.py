@@ -655,7 +655,7 @@ async def test_give_up_with_shutdown_escalation_raises_sigterm(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     raised: list[int] = []
-    monkeypatch.setattr("lifecycle._workers.signal.raise_signal", raised.append)
+    monkeypatch.setattr("lifecycle._servers.signal.raise_signal", raised.append)
     lc = Lifecycle()
 
     @lc.background(max_restarts=1, backoff_base=0.001, backoff_max=0.001, on_give_up="shutdown")

@@ -36,3 +36,46 @@ async def test_a_traced_lifespan_with_jobs_runs_on_the_no_op_provider() -> None:
     async with lc.run():
         assert await work.call(21) == 42
     assert stopped == ["db"]
+
+
+async def test_a_request_under_a_deadline_on_the_no_op_provider() -> None:
+    import anyio
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+
+    async def hello(request: object) -> PlainTextResponse:
+        return PlainTextResponse("hello")
+
+    lc = lifecycle.Lifecycle()
+    tracing = lifecycle.instrument_tracing(lc)
+    app = lifecycle.DeadlineMiddleware(Starlette(routes=[Route("/", hello)]), default_timeout=5)
+    sent: list[dict[str, object]] = []
+
+    async def receive() -> dict[str, object]:
+        return {"type": "http.request", "body": b""}
+
+    async def send(message: dict[str, object]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": "/",
+        "raw_path": b"/",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [],
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 80),
+    }
+    try:
+        with anyio.fail_after(5):
+            await app(scope, receive, send)  # type: ignore[arg-type]
+    finally:
+        tracing.close()
+    assert sent[0]["status"] == 200
+    assert sent[-1]["body"] == b"hello"
