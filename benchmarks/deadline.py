@@ -24,16 +24,25 @@ serialises a 1 KB JSON body. Variants:
     counts is taken round by round; the median and the range of the rounds are printed. A pair
     of identical ``bare`` servers calibrates the method. (b) needs ``wrk`` on the PATH
     (``apt-get install wrk``) and uvicorn, httptools and uvloop installed (``pip install
-    'uvicorn[standard]'``); without them it says so and is skipped.
+    'uvicorn[standard]'``); without them it says so and is skipped. Both servers of a pair
+    get the same requests: when the variant is sent the budget header, ``bare`` is sent it
+    too (and ignores it), so the server's cost of parsing one more header is not counted
+    against the middleware.
+(c) With ``--instructions``: the same in-process requests counted in CPU instructions by
+    ``valgrind --tool=callgrind`` (``apt-get install valgrind``), which do not drift with the
+    machine's load as microseconds do: the instructions a variant adds per request against
+    ``bare``, from the difference of two runs of different lengths. Slow (the requests run
+    about 50 times slower under valgrind); it replaces (a) and (b).
 
 Run: ``.venv/bin/python benchmarks/deadline.py`` (``--seconds``/``--rounds`` to change the
-sample, ``--skip-uvicorn`` for (a) only).
+sample, ``--skip-uvicorn`` for (a) only, ``--instructions`` for (c)).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import contextvars
 import importlib.util
 import os
@@ -43,6 +52,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -229,6 +239,82 @@ def print_in_process(
         print(f"    {LABELS[name]:<48} {median:+7.1f} us  (IQR {first:+.1f}..{third:+.1f})")
 
 
+# -- (c) in process, counted in instructions ---------------------------------------------------
+
+COUNT_SHORT, COUNT_LONG = 50, 550
+
+
+def run_counted(variant: str, backend: str, path: str, count: int) -> None:
+    """Serve ``count`` requests after a warm-up: what ``--count`` runs under valgrind."""
+    app = VARIANTS[variant]()
+    headers = headers_for(variant)
+    runner = run_requests_asyncio if backend == "asyncio" else run_requests_trio
+
+    async def main() -> None:
+        await runner(app, path, headers, 50)
+        await runner(app, path, headers, count)
+
+    anyio.run(main, backend=backend)
+
+
+def instructions(variant: str, backend: str, path: str, count: int, valgrind: str) -> int:
+    """The instructions a process serving ``count`` requests of ``variant`` executes."""
+    with tempfile.TemporaryDirectory() as scratch:
+        output = subprocess.run(
+            [
+                valgrind,
+                "--tool=callgrind",
+                f"--callgrind-out-file={scratch}/callgrind.out",
+                sys.executable,
+                __file__,
+                "--count",
+                variant,
+                backend,
+                path,
+                str(count),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**os.environ, "PYTHONHASHSEED": "0"},  # the same dict layouts in every run
+        ).stderr
+    (line,) = [line for line in output.splitlines() if "Collected :" in line]
+    return int(line.split()[-1])
+
+
+def per_request(variant: str, backend: str, path: str, valgrind: str) -> float:
+    short, long = (
+        instructions(variant, backend, path, count, valgrind) for count in (COUNT_SHORT, COUNT_LONG)
+    )
+    return (long - short) / (COUNT_LONG - COUNT_SHORT)
+
+
+def bench_instructions() -> None:
+    valgrind = shutil.which("valgrind")
+    if valgrind is None:
+        print("(c) skipped: counting instructions needs valgrind (apt-get install valgrind).")
+        return
+    print(
+        "(c) in process, counted by valgrind --tool=callgrind: instructions added per request "
+        f"against the bare app (difference of runs of {COUNT_SHORT} and {COUNT_LONG} requests)"
+    )
+    workers = max(1, len(os.sched_getaffinity(0)))
+    for backend in ("asyncio", "trio"):
+        for path in PATHS:
+            print(f"  {backend}, {PATHS[path]}:")
+            with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+                counted = {
+                    name: pool.submit(per_request, name, backend, path, valgrind)
+                    for name in VARIANTS
+                }
+                counts = {name: future.result() for name, future in counted.items()}
+            bare = counts["bare"]
+            print(f"    {LABELS['bare']:<48} {bare:9.0f} instructions per request")
+            for name in list(VARIANTS)[1:]:
+                added = counts[name] - bare
+                print(f"    {LABELS[name]:<48} {added:+9.0f}  ({added / bare:+.0%})")
+
+
 # -- (b) under uvicorn ----------------------------------------------------------------------
 
 SERVERS = {
@@ -284,13 +370,17 @@ def wait_listening(port: int) -> None:
 
 
 def run_load(
-    targets: list[tuple[int, str]], path: str, seconds: float, cpu: int | None, wrk: str
+    ports: list[int], path: str, budget: bool, seconds: float, cpu: int | None, wrk: str
 ) -> list[int]:
-    """Drive every server at once, each with its own wrk; return the request counts."""
+    """Drive every server at once, each with its own wrk; return the request counts.
+
+    Every server gets the same requests: with the budget header if ``budget``, so that a
+    server's cost of parsing one more header is not counted against the middleware.
+    """
     pin = ["taskset", "-c", str(cpu)] if cpu is not None else []
+    header = ["-H", "x-request-timeout-ms: 5000"] if budget else []
     processes = []
-    for port, variant in targets:
-        header = ["-H", "x-request-timeout-ms: 5000"] if variant in SENDS_BUDGET else []
+    for port in ports:
         command = [*pin, wrk, "-t1", f"-c{CONNECTIONS}", f"-d{seconds:g}s", *header]
         command.append(f"http://127.0.0.1:{port}{path}")
         processes.append(subprocess.Popen(command, stdout=subprocess.PIPE, text=True))
@@ -337,12 +427,14 @@ def bench_uvicorn(rounds: int, seconds: float) -> None:
             print(f"  {server}, {PATHS[path]}:")
             print(f"    {'variant':<48} {'ratio':>6}  rounds (min..max)      bare req/s")
             for variant in UVICORN_VARIANTS:
+                budget = variant in SENDS_BUDGET
                 with servers(["bare", variant], server, server_cpu) as ports:
-                    targets = list(zip(ports, ["bare", variant], strict=True))
-                    run_load(targets, path, 1.0, load_cpu, wrk)  # warm up
+                    run_load(ports, path, budget, 1.0, load_cpu, wrk)  # warm up
                     ratios, bare_rates = [], []
                     for _ in range(rounds):
-                        bare_count, variant_count = run_load(targets, path, seconds, load_cpu, wrk)
+                        bare_count, variant_count = run_load(
+                            ports, path, budget, seconds, load_cpu, wrk
+                        )
                         ratios.append(variant_count / bare_count)
                         bare_rates.append(bare_count / seconds)
                 label = (
@@ -363,12 +455,19 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=2.0)
     parser.add_argument("--in-process-rounds", type=int, default=30)
     parser.add_argument("--skip-uvicorn", action="store_true")
+    parser.add_argument("--instructions", action="store_true")
     parser.add_argument(
         "--serve", nargs=3, metavar=("VARIANT", "SERVER", "PORT"), help=argparse.SUPPRESS
+    )
+    parser.add_argument(
+        "--count", nargs=4, metavar=("VARIANT", "BACKEND", "PATH", "N"), help=argparse.SUPPRESS
     )
     args = parser.parse_args()
     if args.serve:
         serve(args.serve[0], args.serve[1], int(args.serve[2]))
+        return
+    if args.count:
+        run_counted(args.count[0], args.count[1], args.count[2], int(args.count[3]))
         return
 
     from lifecycle import _deadline
@@ -378,6 +477,9 @@ def main() -> None:
         f"anyio {version('anyio')}, starlette {version('starlette')}, trio {version('trio')}; "
         f"fast request scope: {'on' if _deadline._LEAN_SCOPE_WORKS else 'OFF (self-test failed)'}"
     )
+    if args.instructions:
+        bench_instructions()
+        return
     print(
         "(a) in process: microseconds added per request against the bare app "
         f"(median of {args.in_process_rounds} paired rounds of 1000 requests, interquartile range)"

@@ -50,7 +50,7 @@ import weakref
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, MutableMapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from types import ModuleType, TracebackType
+from types import BuiltinFunctionType, ModuleType, TracebackType
 from typing import TYPE_CHECKING, Any, Final, ParamSpec, Protocol, Self, TypeVar, overload
 
 import anyio
@@ -431,17 +431,27 @@ try:
     from anyio._backends._asyncio import CancelScope as _AsyncioCancelScope
     from anyio._backends._asyncio import TaskState as _TaskState
     from anyio._backends._asyncio import _task_states
-except ImportError:  # pragma: no cover - anyio reorganised its backends; fall back below
-    _LEAN_SCOPE_IMPORTABLE = False
-else:
-    _LEAN_SCOPE_IMPORTABLE = True
 
-
-if TYPE_CHECKING or _LEAN_SCOPE_IMPORTABLE:
     # The plain dict behind anyio's weak mapping of task states, and its removal callback:
     # WeakKeyDictionary's own methods cost a Python call each.
     _task_data = _task_states.data  # type: ignore[attr-defined]
     _drop_task_state = _task_states._remove  # type: ignore[attr-defined]
+except (ImportError, AttributeError):  # pragma: no cover - anyio reorganised its backends
+    _LEAN_SCOPE_IMPORTABLE = False  # the self-test fails and plain scopes are used
+else:
+    _LEAN_SCOPE_IMPORTABLE = True
+
+# The task a loop is running, in one C call: `asyncio.current_task` is C from Python 3.12 on;
+# on 3.11 it is a Python function over the dict its C tasks keep up to date.
+_task_of: Callable[[asyncio.AbstractEventLoop], asyncio.Task[Any] | None] = (
+    asyncio.current_task
+    if isinstance(asyncio.current_task, BuiltinFunctionType)
+    else getattr(asyncio.tasks, "_current_tasks", {}).get
+)
+_new_object = object.__new__
+
+
+if TYPE_CHECKING or _LEAN_SCOPE_IMPORTABLE:
 
     class _LeanScope(_AsyncioCancelScope):
         """anyio's asyncio cancel scope, made cheap where a request opens it: at the root.
@@ -450,25 +460,36 @@ if TYPE_CHECKING or _LEAN_SCOPE_IMPORTABLE:
         whose cancel scope is ``None``; a scope entered there has no parent. For that case
         entering and a clean exit (nothing cancelled) skip the general bookkeeping, which
         is all about parents; any other case (a parent scope, a cancellation) goes through
-        anyio's own ``__enter__``/``__exit__``. Its deadline is kept by the loop's
-        `_SharedTimer` rather than by a loop timer of its own: anyio arms a timer in
-        ``_timeout()`` and cancels ``_timeout_handle`` when the scope exits, is cancelled or
-        gets a new deadline; registering with the shared timer instead, and handing back an
-        entry whose ``cancel()`` marks it dead, keeps every other behaviour of the scope.
+        anyio's own ``__enter__``/``__exit__``. A task state the scope created is removed
+        again on a clean exit, as anyio removes the states of the tasks it runs, so the task
+        ends with nothing to clean up. Its deadline is kept by the loop's `_SharedTimer`
+        rather than by a loop timer of its own: anyio arms a timer in ``_timeout()`` and
+        cancels ``_timeout_handle`` when the scope exits, is cancelled or gets a new
+        deadline; registering with the shared timer instead, and handing back an entry whose
+        ``cancel()`` marks it dead, keeps every other behaviour of the scope.
 
         All of this leans on anyio's internals: `_lean_scope_works` checks the behaviour at
         import and the middleware falls back to `anyio.CancelScope` if it is not right.
         """
 
-        __slots__ = ("_shared_timer",)
+        __slots__ = ("_lean_key", "_lean_state", "_loop", "_opened_at", "_shared_timer")
 
+        _lean_key: weakref.ref[asyncio.Task[Any]] | None
+        _lean_state: _TaskState | None
+        _loop: asyncio.AbstractEventLoop
+        _opened_at: float
         _shared_timer: _SharedTimer
 
-        def __new__(cls, timer: _SharedTimer, deadline: float) -> Self:
-            return object.__new__(cls)
+        def __new__(
+            cls, loop: asyncio.AbstractEventLoop, deadline: float, now: float = -math.inf
+        ) -> Self:
+            return _new_object(cls)
 
-        def __init__(self, timer: _SharedTimer, deadline: float) -> None:
-            # What anyio's __init__ sets (less its NaN check: deadlines here are computed).
+        def __init__(
+            self, loop: asyncio.AbstractEventLoop, deadline: float, now: float = -math.inf
+        ) -> None:
+            # What anyio's __init__ sets (less its NaN check: deadlines here are computed),
+            # and ``now``, the loop's time when the deadline was computed.
             self._deadline = deadline
             self._shield = False
             self._parent_scope = None
@@ -483,24 +504,41 @@ if TYPE_CHECKING or _LEAN_SCOPE_IMPORTABLE:
             self._host_task = None
             self._cancelling_at_enter = 0
             self._pending_uncancellations = 0
-            self._shared_timer = timer
+            self._loop = loop
+            self._opened_at = now
+            self._lean_state = None
+            self._lean_key = None
+            timer = _last_timer
+            self._shared_timer = (
+                timer if timer is not None and timer.loop() is loop else _timer_for(loop)
+            )
 
         def __enter__(self) -> _LeanScope:
-            task = asyncio.current_task()
-            key = weakref.ref(task) if task is not None else None
-            state = _task_data.get(key) if key is not None else None
-            if task is None or self._active or (state is not None and state.cancel_scope):
+            task = _task_of(self._loop)
+            if task is None or self._active:
                 return super().__enter__()
+            key = weakref.ref(task)
+            state = _task_data.get(key)
             if state is None:
-                _task_data[weakref.ref(task, _drop_task_state)] = _TaskState(None, self)
-            else:
+                key = weakref.ref(task, _drop_task_state)
+                state = _task_data[key] = _TaskState(None, self)
+                self._lean_key = key
+            elif state.cancel_scope is None:
                 state.cancel_scope = self
+            else:  # a scope is open in this task: this one is its child
+                return super().__enter__()
+            self._lean_state = state
             self._host_task = task
             self._tasks.add(task)
-            self._timeout()
+            deadline = self._deadline
+            if deadline != math.inf:
+                if deadline > self._opened_at:
+                    self._timeout_handle = self._shared_timer.add(deadline, self)  # type: ignore[assignment]
+                else:
+                    self._timeout()  # already due: cancelled at once, as anyio would
             self._active = True
             self._cancelling_at_enter = task.cancelling()
-            if self._cancel_called:  # pragma: no cover - the middleware never cancels early
+            if self._cancel_called:
                 self._deliver_cancellation(self)
             return self
 
@@ -510,22 +548,31 @@ if TYPE_CHECKING or _LEAN_SCOPE_IMPORTABLE:
             exc_val: BaseException | None,
             exc_tb: TracebackType | None,
         ) -> bool:
-            task = self._host_task
-            if self._cancel_called or self._parent_scope is not None or task is None:
+            state = self._lean_state
+            if (
+                state is None  # entered through anyio's own __enter__
+                or self._cancel_called
+                or state.cancel_scope is not self
+                or self._child_scopes
+            ):
+                self._lean_state = self._lean_key = None
                 return super().__exit__(exc_type, exc_val, exc_tb)
-            # Only the middleware enters this scope and it exits it in the same task, so the
-            # checks for misuse that anyio makes are left to its own __exit__ in other cases.
-            state = _task_data.get(weakref.ref(task))
-            if state is None or state.cancel_scope is not self or self._child_scopes:
-                return super().__exit__(exc_type, exc_val, exc_tb)
-            # Not cancelled, no parent: nothing to uncancel, swallow or restart elsewhere.
+            # Not cancelled, no parent, nothing nested left open: nothing to uncancel,
+            # swallow or restart elsewhere. Only the middleware enters this scope and it exits
+            # it in the same task, so anyio's checks for misuse are left to its own __exit__.
             self._active = False
             handle = self._timeout_handle
             if handle is not None:
                 handle.cancel()
                 self._timeout_handle = None
-            self._tasks.discard(task)
-            state.cancel_scope = None
+            self._tasks.discard(self._host_task)
+            key = self._lean_key
+            if key is not None:  # the state is ours: the task is left as it came
+                _task_data.pop(key, None)
+                self._lean_key = None
+            else:
+                state.cancel_scope = None
+            self._lean_state = None
             self._host_task = None
             return False
 
@@ -547,13 +594,11 @@ if TYPE_CHECKING or _LEAN_SCOPE_IMPORTABLE:
         def _timeout(self) -> None:
             deadline = self._deadline
             if deadline != math.inf:
-                timer = self._shared_timer
-                loop = timer.loop()
-                if loop is None or loop.time() >= deadline:
+                if self._loop.time() >= deadline:
                     self.cancel("deadline exceeded")
                 else:
                     # The entry quacks like the TimerHandle anyio expects here.
-                    self._timeout_handle = timer.add(deadline, self)  # type: ignore[assignment]
+                    self._timeout_handle = self._shared_timer.add(deadline, self)  # type: ignore[assignment]
 
         def expire(self) -> None:
             """Called by the shared timer when the deadline this scope registered has come."""
@@ -573,27 +618,39 @@ async def _lean_scope_behaves() -> None:
     Not ``assert`` statements: ``python -O`` would strip them.
     """
     loop = asyncio.get_running_loop()
-    timer = _timer_for(loop)
     task = asyncio.current_task()
     _expect(task is not None, "a task")
     assert task is not None  # for the type checker
 
-    # Seen by anyio, composes with nested scopes, leaves nothing behind.
-    deadline = loop.time() + 60
-    with _LeanScope(timer, deadline) as scope:
-        _expect(anyio.current_effective_deadline() == deadline, "the deadline anyio sees")
-        with anyio.move_on_after(30) as inner:
-            _expect(anyio.current_effective_deadline() == inner.deadline, "nested scopes compose")
+    # Seen by anyio, composes with nested scopes, leaves nothing behind: in a task anyio has
+    # never seen, then in one it has (its scopes leave a state behind).
+    for _ in range(2):
+        deadline = loop.time() + 60
+        with _LeanScope(loop, deadline, loop.time()) as scope:
+            _expect(anyio.current_effective_deadline() == deadline, "the deadline anyio sees")
+            with anyio.move_on_after(30) as inner:
+                _expect(
+                    anyio.current_effective_deadline() == inner.deadline, "nested scopes compose"
+                )
+                await anyio.lowlevel.checkpoint()
+            _expect(anyio.current_effective_deadline() == deadline, "the deadline anyio sees")
+            scope.deadline = deadline + 1  # a route's own timeout
+            _expect(anyio.current_effective_deadline() == deadline + 1, "the deadline anyio sees")
+        _expect(anyio.current_effective_deadline() == math.inf, "the deadline anyio sees")
+        _expect(not scope.cancelled_caught, "cancelled_caught")
+        with anyio.CancelScope():  # leaves the task's state behind for the second round
             await anyio.lowlevel.checkpoint()
-        _expect(anyio.current_effective_deadline() == deadline, "the deadline anyio sees")
-        scope.deadline = deadline + 1  # a route's own timeout
-        _expect(anyio.current_effective_deadline() == deadline + 1, "the deadline anyio sees")
-    _expect(anyio.current_effective_deadline() == math.inf, "the deadline anyio sees")
-    _expect(not scope.cancelled_caught, "cancelled_caught")
+
+    # A deadline already past when the scope is entered cancels at once, as anyio's does.
+    with _LeanScope(loop, loop.time() - 1, loop.time()) as scope:
+        _expect(anyio.current_effective_deadline() == -math.inf, "an expired scope is cancelled")
+        await anyio.lowlevel.checkpoint()
+        raise AssertionError("the scope entered past its deadline did not cancel")
+    _expect(scope.cancelled_caught, "the scope catches its expiry")
 
     # Expiry cancels, is caught by the scope, and a shielded block inside is not interrupted.
     shielded_done = False
-    with _LeanScope(timer, loop.time() + 0.001) as scope:
+    with _LeanScope(loop, loop.time() + 0.001) as scope:
         with anyio.CancelScope(shield=True):
             await anyio.sleep(0.005)
             shielded_done = True
@@ -603,7 +660,7 @@ async def _lean_scope_behaves() -> None:
     _expect(scope.cancelled_caught, "the scope catches its expiry")
 
     # A task group inside: the cancellation is absorbed, no ExceptionGroup.
-    with _LeanScope(timer, loop.time() + 0.001) as scope:
+    with _LeanScope(loop, loop.time() + 0.001) as scope:
         async with anyio.create_task_group() as tg:
             tg.start_soon(anyio.sleep, 1)
             await anyio.sleep(1)
@@ -611,7 +668,7 @@ async def _lean_scope_behaves() -> None:
 
     # Level-triggered: a swallowed cancellation comes back at the next await.
     swallowed = 0
-    with _LeanScope(timer, loop.time() + 0.001) as scope:
+    with _LeanScope(loop, loop.time() + 0.001) as scope:
         for _ in range(2):
             try:
                 await anyio.sleep(1)
@@ -627,7 +684,7 @@ async def _lean_scope_behaves() -> None:
     await anyio.sleep(0.002)
 
     # Nested under an anyio scope, it is a plain child scope.
-    with anyio.CancelScope() as outer, _LeanScope(timer, loop.time() + 60):
+    with anyio.CancelScope() as outer, _LeanScope(loop, loop.time() + 60):
         outer.cancel()
         await anyio.sleep(1)
         raise AssertionError("the outer cancellation did not reach the lean scope")
@@ -636,7 +693,7 @@ async def _lean_scope_behaves() -> None:
 
     # A native cancellation (not ours) is not swallowed.
     async def cancelled_natively() -> None:
-        with _LeanScope(timer, loop.time() + 60):
+        with _LeanScope(loop, loop.time() + 60):
             await asyncio.sleep(1)
 
     victim = asyncio.ensure_future(cancelled_natively())
@@ -691,13 +748,19 @@ _LEAN_SCOPE_WORKS: Final = _lean_scope_works()
 _use_lean_scope = _LEAN_SCOPE_WORKS  # tests switch it off to run on the public scope
 
 
-def _open_scope(loop: asyncio.AbstractEventLoop | None, deadline: float) -> _Scope:
-    """A cancel scope with ``deadline`` for the running loop (``None``: not asyncio)."""
+def _open_scope(loop: asyncio.AbstractEventLoop | None, deadline: float, now: float) -> _Scope:
+    """A cancel scope with ``deadline``, computed at ``now``, for the running loop.
+
+    ``loop`` is the running asyncio loop, or ``None`` under trio.
+    """
     if loop is None:
-        scope: _Scope = _trio().CancelScope(deadline=deadline)
+        scope: _Scope = (_trio_module or _trio()).CancelScope(deadline=deadline)
         return scope
     if _use_lean_scope:
-        return _LeanScope(_timer_for(loop), deadline)
+        # What calling the class does, less a call of its trivial __new__.
+        lean: _LeanScope = _new_object(_LeanScope)
+        lean.__init__(loop, deadline, now)  # type: ignore[misc]
+        return lean
     return anyio.CancelScope(deadline=deadline)
 
 
@@ -808,11 +871,6 @@ class _RequestState(_DeadlineView):
         self.given_at = now
         self.scope.deadline = math.inf if deadline is None else deadline
 
-    def lift(self) -> None:
-        """Drop the deadline: what still runs belongs to no caller's budget."""
-        self.deadline = None
-        self.scope.deadline = math.inf
-
     async def send(self, message: Message) -> None:
         """The ``send`` the application gets: the server's, watching the response's progress."""
         server_send = self.server_send
@@ -840,7 +898,62 @@ class _RequestState(_DeadlineView):
     def _complete(self) -> None:
         self.completed = True
         if not self.keep_for_background:
-            self.lift()
+            # The deadline is lifted: what still runs belongs to no caller's budget.
+            self.deadline = None
+            self.scope.deadline = math.inf
+
+    def end(self) -> None:
+        """The request is over: drop its deadline, and what it holds of the request.
+
+        Copies of the request's context outlive it (a worker thread, a task, and the
+        server's keep-alive timer: uvicorn arms it in the last ``send``, and asyncio keeps
+        a cancelled timer, with its context, until it cleans its timer heap up). Through
+        them this state outlives the request too; holding the server's ``send`` and the
+        cancel scope, it would keep the request's objects alive for the collector to
+        promote and sweep again and again.
+        """
+        self.deadline = None
+        self.server_send = None
+        self.scope = _ENDED_SCOPE
+
+
+class _EndedScope:
+    """What an ended request's state holds instead of its cancel scope: changes nothing."""
+
+    __slots__ = ()
+
+    @property
+    def deadline(self) -> float:
+        return math.inf
+
+    @deadline.setter
+    def deadline(self, value: float) -> None:
+        pass
+
+    @property
+    def cancel_called(self) -> bool:
+        return False
+
+    @property
+    def cancelled_caught(self) -> bool:
+        return False
+
+    def cancel(self) -> None:
+        pass
+
+    def __enter__(self) -> Any:
+        raise RuntimeError("The request has ended; its cancel scope cannot be entered.")
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_val: BaseException | None,
+        exc_tb: TracebackType | None,
+    ) -> None:
+        return None
+
+
+_ENDED_SCOPE: Final = _EndedScope()
 
 
 class _PassThrough(_DeadlineView):
@@ -867,6 +980,10 @@ by `remaining`, by `lifecycle.httpx.DeadlineTransport` and by worker pools (for
 # Set once a route timeout exists that must find its request's scope already open (the
 # FastAPI dependency, or keep_for_background): from then on no request passes straight through.
 _route_timeouts_need_scope = False
+
+# Set once any route timeout exists (`request_timeout`, when routes are declared): from then on
+# requests passed through are marked in `current_request`, for a route timeout to find.
+_route_timeouts_exist = False
 
 
 def route_timeouts_need_scope() -> None:
@@ -1031,7 +1148,7 @@ async def _run_route_lazily(
     loop = asyncio._get_running_loop()
     now = loop.time() if loop is not None else _trio_time()
     deadline = now + seconds - passed.reserve
-    cancel_scope = _open_scope(loop, deadline)
+    cancel_scope = _open_scope(loop, deadline, now)
     state = _RequestState(cancel_scope, deadline, now, None, passed.reserve, None)
     token = current_request.set(state)
     raised: BaseException | None = None
@@ -1052,7 +1169,7 @@ async def _run_route_lazily(
         raised = _first_leaf(matched)
     finally:
         current_request.reset(token)
-        state.deadline = None
+        state.end()
         if cancel_scope.cancelled_caught or raised is not None:
             reason = state.upstream_expiry or (
                 str(raised) if raised is not None else f"the route's {seconds:g} s timeout"
@@ -1065,6 +1182,8 @@ class _RouteTimeout:
     """The decorator returned by `request_timeout`."""
 
     def __init__(self, timeout: float | None, keep_for_background: bool) -> None:
+        global _route_timeouts_exist  # a process-wide switch, like the observers
+        _route_timeouts_exist = True
         self.timeout = timeout
         self.keep_for_background = keep_for_background
         if keep_for_background:
@@ -1366,7 +1485,9 @@ class DeadlineMiddleware:
             budget = self._default_timeout
             if budget is None and not _route_timeouts_need_scope:
                 # No deadline applies: no scope, no timer, nothing allocated for the request.
-                token = current_request.set(self._pass_through)
+                # Only a route timeout (`request_timeout`) needs to know it runs in a request
+                # passed through, to open its own scope: marked only if one exists.
+                token = current_request.set(self._pass_through) if _route_timeouts_exist else None
                 self._in_flight += 1
                 try:
                     await self.app(scope, receive, send)
@@ -1377,7 +1498,8 @@ class DeadlineMiddleware:
                     await self._send_expired(scope, send, exc.reason)
                 finally:
                     self._in_flight -= 1
-                    current_request.reset(token)
+                    if token is not None:
+                        current_request.reset(token)
                 return
         else:
             self._received += 1
@@ -1390,7 +1512,7 @@ class DeadlineMiddleware:
                 self._clamped += 1
 
         loop = asyncio._get_running_loop()
-        now = loop.time() if loop is not None else _trio_time()
+        now = loop.time() if loop is not None else (_trio_module or _trio()).current_time()
         deadline: float | None = None
         if budget is not None:
             usable = budget - self._reserve
@@ -1398,9 +1520,9 @@ class DeadlineMiddleware:
                 await self._reject_early(send, budget)
                 return
             deadline = now + usable
-            cancel_scope = _open_scope(loop, deadline)
+            cancel_scope = _open_scope(loop, deadline, now)
         else:  # no deadline, but route timeouts need the scope (`route_timeouts_need_scope`)
-            cancel_scope = _open_scope(loop, math.inf)
+            cancel_scope = _open_scope(loop, math.inf, now)
         watched: _Watched | None = None
         if observers and budget is not None:
             watched = self._watch(scope, budget, client_budget, send, loop)
@@ -1440,8 +1562,8 @@ class DeadlineMiddleware:
             if watched is not None:
                 self._finished(watched, state)
             # Work that outlives the request with a copy of its context (threads, tasks) no
-            # longer sees its deadline.
-            state.deadline = None
+            # longer sees its deadline, nor keeps the request alive.
+            state.end()
 
     @staticmethod
     def _watch(

@@ -15,6 +15,9 @@ Types:
 - ``urn:lifecycle:problem:overloaded`` (503): admission control found no free slot in time.
 - ``urn:lifecycle:problem:queue-full`` (503): a worker pool or queue is full (`QueueFull`).
 - ``urn:lifecycle:problem:shutting-down`` (503): the service is draining (`PoolClosed`).
+- ``urn:lifecycle:problem:service-unavailable`` (503): a service the request needs is not
+  running (`ServiceNotRunning`).
+- ``urn:lifecycle:problem:unauthorized`` (401): a call of the drain hook without its token.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ __all__ = [
     "QUEUE_FULL_TYPE",
     "SERVICE_UNAVAILABLE_TYPE",
     "SHUTTING_DOWN_TYPE",
+    "UNAUTHORIZED_TYPE",
     "new_instance",
     "problem_body",
     "send_problem",
@@ -54,6 +58,9 @@ SHUTTING_DOWN_TYPE: Final = "urn:lifecycle:problem:shutting-down"
 
 SERVICE_UNAVAILABLE_TYPE: Final = "urn:lifecycle:problem:service-unavailable"
 """RFC 9457 problem type of the 503 answered when a service a request needs is not running."""
+
+UNAUTHORIZED_TYPE: Final = "urn:lifecycle:problem:unauthorized"
+"""RFC 9457 problem type of the 401 answered to a drain call without the right token."""
 
 PROBLEM_CONTENT_TYPE: Final = "application/problem+json"
 

@@ -23,6 +23,7 @@ from ._problem import (
     QUEUE_FULL_TYPE,
     SERVICE_UNAVAILABLE_TYPE,
     SHUTTING_DOWN_TYPE,
+    UNAUTHORIZED_TYPE,
     new_instance,
     problem_body,
 )
@@ -150,11 +151,23 @@ def drain_route(lifecycle: Lifecycle, *, token: str, path: str = "/drain") -> Ro
 
     async def drain(request: Request) -> Response:
         if not _presents_token(request, expected):
-            return JSONResponse(
-                {"title": "Unauthorized", "status": 401},
+            instance = new_instance()
+            _LOG.info(
+                "Refused a drain call to %s (%s): it presented no valid bearer token.",
+                request.url.path,
+                instance,
+            )
+            return Response(
+                problem_body(
+                    401,
+                    UNAUTHORIZED_TYPE,
+                    "Unauthorized",
+                    "This hook needs the drain token as a bearer token.",
+                    instance,
+                ),
                 status_code=401,
-                headers={"WWW-Authenticate": "Bearer"},
-                media_type="application/problem+json",
+                headers={"WWW-Authenticate": "Bearer", "Cache-Control": "no-store"},
+                media_type=PROBLEM_CONTENT_TYPE,
             )
         lifecycle.begin_drain()
         began = lifecycle.drain_began

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -281,8 +282,8 @@ def test_options_are_validated(
 
 
 async def test_every_problem_body_of_the_package_has_the_same_shape() -> None:
-    from lifecycle.exceptions import PoolClosed, QueueFull
-    from lifecycle.starlette import exception_handlers
+    from lifecycle.exceptions import PoolClosed, QueueFull, ServiceNotRunning
+    from lifecycle.starlette import drain_route, exception_handlers
 
     async def full(request: Request) -> PlainTextResponse:
         raise QueueFull("the queue 'jobs' is full")
@@ -290,13 +291,21 @@ async def test_every_problem_body_of_the_package_has_the_same_shape() -> None:
     async def closed(request: Request) -> PlainTextResponse:
         raise PoolClosed("pool 'jobs' is draining")
 
+    async def not_running(request: Request) -> PlainTextResponse:
+        raise ServiceNotRunning("service 'jobs' is not running")
+
     gate = Gate()
     gate.open.set()
     busy = lifecycle.ConcurrencyLimitMiddleware(
         Starlette(routes=[Route("/work", gate.work)]), max_concurrency=1, max_wait=0
     )
     handlers = Starlette(
-        routes=[Route("/full", full), Route("/closed", closed)],
+        routes=[
+            Route("/full", full),
+            Route("/closed", closed),
+            Route("/not-running", not_running),
+            drain_route(lifecycle.Lifecycle(), token="a-token-of-16-chars"),
+        ],
         exception_handlers=exception_handlers(),
     )
 
@@ -313,6 +322,8 @@ async def test_every_problem_body_of_the_package_has_the_same_shape() -> None:
     async with client(handlers) as http:
         responses["queue full"] = await http.get("/full")
         responses["shutting down"] = await http.get("/closed")
+        responses["not running"] = await http.get("/not-running")
+        responses["unauthorized"] = await http.post("/drain")
     async with client(deadline) as http:
         responses["expired"] = await http.get("/")
     async with client(strict) as http:
@@ -327,6 +338,8 @@ async def test_every_problem_body_of_the_package_has_the_same_shape() -> None:
         "expired": (504, lifecycle.DEADLINE_EXPIRED_TYPE),
         "malformed": (400, lifecycle.MALFORMED_BUDGET_TYPE),
         "overloaded": (503, lifecycle.OVERLOADED_TYPE),
+        "not running": (503, "urn:lifecycle:problem:service-unavailable"),
+        "unauthorized": (401, "urn:lifecycle:problem:unauthorized"),
     }
     instances = set()
     for name, response in responses.items():
@@ -343,3 +356,18 @@ async def test_every_problem_body_of_the_package_has_the_same_shape() -> None:
         # Internal names (queues, pools) stay out of what the caller sees.
         assert "jobs" not in problem["detail"], name
     assert len(instances) == len(responses)
+    # Every type the package answers with is one of those `_problem` defines, and each is
+    # documented where users look: the README and `_problem`'s docstring.
+    from lifecycle import _problem
+
+    types = [
+        name
+        for name in _problem.__all__
+        if name.endswith("_TYPE") and name != "PROBLEM_CONTENT_TYPE"
+    ]
+    defined = {getattr(_problem, name) for name in types}
+    assert {type_ for _, type_ in expected.values()} == defined
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    for type_ in defined:
+        assert f"`{type_}`" in readme, type_
+        assert f"``{type_}``" in (_problem.__doc__ or ""), type_

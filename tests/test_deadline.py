@@ -8,6 +8,9 @@ import json
 import logging
 import math
 import re
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 import weakref
@@ -34,16 +37,11 @@ import lifecycle.fastapi
 from lifecycle import _deadline
 from lifecycle._deadline import _parse_grpc_timeout, _parse_milliseconds, _read_budget
 
+from .scope_paths import anyio_backend  # noqa: F401 - every test on each scope's code path
+
 pytestmark = pytest.mark.anyio
 
 BUDGET = "x-request-timeout-ms"
-
-
-@pytest.fixture(params=[True, False], ids=["shared-timer", "plain-scope"])
-def timer_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
-    """Run a test with the shared-timer scope and with plain anyio scopes (asyncio)."""
-    monkeypatch.setattr(_deadline, "_use_lean_scope", request.param)
-    return bool(request.param)
 
 
 def client(app: Any) -> httpx.AsyncClient:
@@ -104,7 +102,7 @@ def assert_expired_response(response: httpx.Response) -> dict[str, Any]:
     ],
 )
 async def test_a_budget_header_sets_the_deadline_the_request_sees(
-    header: str, value: str, seconds: float, timer_mode: bool
+    header: str, value: str, seconds: float
 ) -> None:
     app = wrap([Route("/", seen)], default_timeout=30.0, reserve=0.01)
     async with client(app) as http:
@@ -238,7 +236,7 @@ def test_options_are_validated_when_the_middleware_is_built(
 # -- 2. inside the request ------------------------------------------------------------------
 
 
-async def test_the_deadline_is_visible_in_child_tasks_and_nested_calls(timer_mode: bool) -> None:
+async def test_the_deadline_is_visible_in_child_tasks_and_nested_calls() -> None:
     async def endpoint(request: Request) -> JSONResponse:
         results: dict[str, float | None] = {}
 
@@ -331,7 +329,7 @@ async def test_a_deadline_already_past_when_set_is_not_an_overrun(
 # -- 3. expiry --------------------------------------------------------------------------------
 
 
-async def test_expiry_before_the_response_is_a_504_with_the_marker(timer_mode: bool) -> None:
+async def test_expiry_before_the_response_is_a_504_with_the_marker() -> None:
     cancelled = anyio.Event()
 
     async def slow(request: Request) -> Response:
@@ -358,7 +356,7 @@ async def test_the_default_timeout_expires_too() -> None:
         assert_expired_response(await http.get("/"))
 
 
-async def test_many_concurrent_deadlines_expire_independently(timer_mode: bool) -> None:
+async def test_many_concurrent_deadlines_expire_independently() -> None:
     async def maybe_slow(request: Request) -> PlainTextResponse:
         if request.query_params["slow"] == "1":
             await anyio.sleep_forever()
@@ -429,7 +427,7 @@ async def raw_call(
 
 
 async def test_expiry_mid_stream_aborts_the_response_without_a_second_start(
-    caplog: pytest.LogCaptureFixture, timer_mode: bool
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     async def chunks() -> AsyncIterator[bytes]:
         yield b"first chunk\n"
@@ -714,9 +712,13 @@ def test_fuzz_the_budget_parsers(value: bytes) -> None:
     )
 )
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+@pytest.mark.parametrize(
+    ("backend", "fast_scope"),
+    [("asyncio", True), ("asyncio", False), ("trio", True)],
+    ids=["asyncio", "asyncio-plain-scope", "trio"],
+)
 def test_fuzz_the_middleware_never_answers_500(
-    backend: str, values: list[tuple[str, bytes]]
+    backend: str, fast_scope: bool, values: list[tuple[str, bytes]]
 ) -> None:
     headers = [(name.encode(), value) for name, value in values]
     found = [(n, v) for n, v in headers if n.decode() in lifecycle.DEFAULT_BUDGET_HEADERS]
@@ -737,13 +739,18 @@ def test_fuzz_the_middleware_never_answers_500(
                     remaining = json.loads(sent[1]["body"])["remaining"]
                     assert remaining <= min(expected_budget, 5000.0)
 
-    anyio.run(main, backend=backend)
+    # Not monkeypatch: hypothesis runs many examples in one function-scoped fixture.
+    _deadline._use_lean_scope = fast_scope
+    try:
+        anyio.run(main, backend=backend)
+    finally:
+        _deadline._use_lean_scope = _deadline._LEAN_SCOPE_WORKS
 
 
 # -- 5. what does not inherit ---------------------------------------------------------------
 
 
-async def test_background_tasks_outlive_the_request_deadline(timer_mode: bool) -> None:
+async def test_background_tasks_outlive_the_request_deadline() -> None:
     outcome: dict[str, Any] = {}
 
     async def background(deadline: float) -> None:
@@ -1090,9 +1097,9 @@ def test_remaining_outside_any_event_loop_or_request_is_none() -> None:
 
 
 # -- 8. the request's scope: anyio's semantics on both code paths -----------------------------
-# Each runs with the fast scope and with plain anyio scopes (`timer_mode`), and, on asyncio,
-# in a task anyio did not create, as a server runs requests (`in_server_task`): that is where
-# the fast scope takes its short path.
+# Like every test here, each runs on asyncio with the fast scope and with plain anyio scopes,
+# and on trio (`scope_paths.anyio_backend`); on asyncio, in a task anyio did not create, as a
+# server runs requests (`in_server_task`): that is where the fast scope takes its short path.
 
 
 async def in_server_task(call: Any) -> Any:
@@ -1114,7 +1121,7 @@ def status_of(sent: list[dict[str, Any]]) -> int:
     return int(start["status"])
 
 
-async def test_nested_timeouts_compose_with_the_request_deadline(timer_mode: bool) -> None:
+async def test_nested_timeouts_compose_with_the_request_deadline() -> None:
     seen_inside: dict[str, float] = {}
 
     async def endpoint(request: Request) -> JSONResponse:
@@ -1135,7 +1142,7 @@ async def test_nested_timeouts_compose_with_the_request_deadline(timer_mode: boo
     assert seen_inside == {"shorter": 0.0, "longer": 0.0, "after": 0.0}
 
 
-async def test_expiry_never_interrupts_a_shielded_block(timer_mode: bool) -> None:
+async def test_expiry_never_interrupts_a_shielded_block() -> None:
     finished: list[str] = []
 
     async def endpoint(request: Request) -> Response:
@@ -1151,7 +1158,7 @@ async def test_expiry_never_interrupts_a_shielded_block(timer_mode: bool) -> Non
     assert finished == ["shielded"]
 
 
-async def test_a_task_group_in_the_handler_is_cancelled_into_a_504(timer_mode: bool) -> None:
+async def test_a_task_group_in_the_handler_is_cancelled_into_a_504() -> None:
     children_cancelled = 0
 
     async def child() -> None:
@@ -1175,7 +1182,7 @@ async def test_a_task_group_in_the_handler_is_cancelled_into_a_504(timer_mode: b
     assert children_cancelled == 2
 
 
-async def test_cancellation_is_level_triggered(timer_mode: bool) -> None:
+async def test_cancellation_is_level_triggered() -> None:
     swallowed = 0
 
     async def endpoint(request: Request) -> Response:
@@ -1194,9 +1201,7 @@ async def test_cancellation_is_level_triggered(timer_mode: bool) -> None:
     assert swallowed == 3
 
 
-async def test_no_cancellation_is_left_for_the_next_request_in_the_same_task(
-    timer_mode: bool,
-) -> None:
+async def test_no_cancellation_is_left_for_the_next_request_in_the_same_task() -> None:
     async def endpoint(request: Request) -> Response:
         if request.query_params.get("slow"):
             await anyio.sleep(1)
@@ -1220,7 +1225,7 @@ async def test_no_cancellation_is_left_for_the_next_request_in_the_same_task(
     assert await in_server_task(keep_alive) == [504, 200, 200]
 
 
-async def test_an_outer_cancellation_passes_through_the_request_scope(timer_mode: bool) -> None:
+async def test_an_outer_cancellation_passes_through_the_request_scope() -> None:
     entered = anyio.Event()
 
     async def endpoint(request: Request) -> Response:
@@ -1261,6 +1266,145 @@ def test_the_fast_scope_self_test_fails_a_scope_that_leaves_its_task_state_behin
     assert not _deadline._lean_scope_works()
 
 
+async def test_each_code_path_runs_its_own_scope(request: pytest.FixtureRequest) -> None:
+    # The suite's three runs of every test really take the three code paths.
+    kinds: list[str] = []
+
+    async def endpoint(request: Request) -> Response:
+        state = _deadline.current_request.get()
+        assert isinstance(state, _deadline._RequestState)
+        kinds.append(f"{type(state.scope).__module__}.{type(state.scope).__name__}")
+        return PlainTextResponse("ok")
+
+    app = wrap([Route("/", endpoint)], default_timeout=5.0)
+    assert status_of(await in_server_task(lambda: raw_call(app))) == 200
+    expected = {
+        "asyncio": "lifecycle._deadline._LeanScope",
+        "asyncio-plain-scope": "anyio._backends._asyncio.CancelScope",
+        "trio": "trio.CancelScope",
+    }
+    (path,) = [name for name in expected if request.node.name.endswith(f"[{name}]")]
+    assert kinds == [expected[path]]
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # the fast scope is asyncio's
+async def test_the_fast_scope_leaves_the_server_task_as_it_came() -> None:
+    # A server's task (not anyio's) has no anyio state before the request, and none after
+    # it: nothing is left for the task's end to clean up.
+    async def endpoint(request: Request) -> Response:
+        await anyio.lowlevel.checkpoint()
+        return PlainTextResponse("ok")
+
+    app = wrap([Route("/", endpoint)], default_timeout=5.0)
+
+    async def serve_twice() -> list[bool]:
+        task = asyncio.current_task()
+        assert task is not None
+        left = []
+        for _ in range(2):
+            assert status_of(await raw_call(app)) == 200
+            left.append(_deadline._task_data.get(weakref.ref(task)) is not None)
+        return left
+
+    assert await in_server_task(serve_twice) == [False, False]
+
+
+def test_a_fast_scope_that_anyio_no_longer_agrees_with_falls_back_to_plain_scopes() -> None:
+    # As if anyio kept its task states elsewhere than where the fast scope writes them: the
+    # self-test at import sees the deadline missing, logs it, and every request then runs in
+    # plain anyio scopes, with the same behaviour.
+    script = textwrap.dedent(
+        """
+        import asyncio, json, logging, types, weakref
+        import anyio._backends._asyncio as backend
+
+        logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+        elsewhere = weakref.WeakKeyDictionary()
+        class Moved(types.ModuleType):
+            _task_states = property(lambda module: elsewhere)
+        backend.__class__ = Moved  # what `from ... import _task_states` finds, not anyio
+
+        import anyio
+        from starlette.applications import Starlette
+        from starlette.responses import JSONResponse
+        from starlette.routing import Route
+        import lifecycle
+        from lifecycle import _deadline
+
+        async def endpoint(request):
+            if request.query_params.get("slow"):
+                await anyio.sleep(1)
+            return JSONResponse(anyio.current_effective_deadline() - anyio.current_time())
+
+        app = lifecycle.DeadlineMiddleware(
+            Starlette(routes=[Route("/", endpoint)]), default_timeout=5.0, reserve=0.0
+        )
+
+        async def call(query):
+            sent = []
+            async def receive():
+                return {"type": "http.request", "body": b""}
+            async def send(message):
+                sent.append(message)
+            scope = {"type": "http", "method": "GET", "path": "/", "root_path": "",
+                     "query_string": query, "headers": [(b"x-request-timeout-ms", b"50")]}
+            await app(scope, receive, send)
+            status = sent[0]["status"]
+            return status, json.loads(sent[1]["body"]) if status == 200 else None
+
+        async def main():
+            loop = asyncio.get_running_loop()
+            return [await loop.create_task(call(q)) for q in (b"", b"slow=1")]
+
+        print(json.dumps([_deadline._LEAN_SCOPE_WORKS, *asyncio.run(main())]))
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+    )
+    works, (fast_status, seen), (slow_status, _) = json.loads(done.stdout)
+    assert works is False
+    assert "does not behave as lifecycle's fast request scope expects" in done.stderr
+    assert fast_status == 200
+    assert 0 < seen <= 0.05  # the request's deadline, seen by anyio
+    assert slow_status == 504
+
+
+async def test_a_copy_of_the_context_that_outlives_the_request_keeps_nothing_of_it_alive() -> None:
+    # uvicorn arms its keep-alive timer in the last send, so the timer keeps a copy of the
+    # request's context, and asyncio keeps that (cancelled) timer until it cleans its heap
+    # up: that copy must not keep the request's objects alive (for the collector to sweep).
+    async def endpoint(request: Request) -> Response:
+        return PlainTextResponse("ok")
+
+    app = wrap([Route("/", endpoint)], default_timeout=5.0)
+    kept: list[contextvars.Context] = []
+
+    class ServerSend:
+        async def __call__(self, message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.body":
+                kept.append(contextvars.copy_context())  # as the keep-alive timer does
+
+    async def serve() -> weakref.ref[Any]:
+        server_send = ServerSend()
+        scope = {"type": "http", "method": "GET", "path": "/", "root_path": "", "headers": []}
+        scope |= {"query_string": b"", "scheme": "http", "server": ("t", 80)}
+
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        await app(scope, receive, server_send)
+        return weakref.ref(server_send)
+
+    server_send = await in_server_task(serve)
+    assert server_send() is None  # freed as soon as the request was: nothing held it
+    (context,) = kept
+    state = context[_deadline.current_request]
+    assert isinstance(state, _deadline._RequestState)
+    assert state.deadline is None  # and what it sees in a thread: no deadline
+    assert state.scope is _deadline._ENDED_SCOPE
+
+
 # -- 9. the pass-through ----------------------------------------------------------------------
 
 
@@ -1268,19 +1412,23 @@ async def test_without_header_default_or_route_timeout_the_request_passes_straig
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(_deadline, "_route_timeouts_need_scope", False)
+    monkeypatch.setattr(_deadline, "_route_timeouts_exist", False)
     opened: list[float] = []
     real_open = _deadline._open_scope
 
-    def counting_open(loop: Any, deadline: float) -> Any:
+    def counting_open(loop: Any, deadline: float, now: float) -> Any:
         opened.append(deadline)
-        return real_open(loop, deadline)
+        return real_open(loop, deadline, now)
 
     monkeypatch.setattr(_deadline, "_open_scope", counting_open)
     received_send: list[Any] = []
     inner = Starlette(routes=[Route("/", seen)])
 
+    marked: list[Any] = []
+
     async def spy(scope: Any, receive: Any, send: Any) -> None:
         received_send.append(send)
+        marked.append(_deadline.current_request.get())
         await inner(scope, receive, send)
 
     app = lifecycle.DeadlineMiddleware(spy)
@@ -1298,6 +1446,7 @@ async def test_without_header_default_or_route_timeout_the_request_passes_straig
     await in_server_task(lambda: app(request_scope, receive, server_send))
     assert received_send == [server_send]  # the server's own send: no wrapper
     assert opened == []  # no scope, so no timer
+    assert marked == [None]  # no context variable set: no route timeout needs to find it
     assert json.loads(sends[-1]["body"]) == {"remaining": None, "effective_deadline_left": None}
     # With a header, the same middleware opens a scope.
     request_scope["headers"] = [(b"x-request-timeout-ms", b"5000")]
@@ -1306,7 +1455,7 @@ async def test_without_header_default_or_route_timeout_the_request_passes_straig
 
 
 async def test_a_route_timeout_in_a_passed_through_request_opens_its_scope_lazily(
-    monkeypatch: pytest.MonkeyPatch, timer_mode: bool
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(_deadline, "_route_timeouts_need_scope", False)
 

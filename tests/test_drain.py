@@ -106,6 +106,14 @@ async def test_prestop_route_drains_for_the_delay_then_sigterm_goes_straight_thr
         assert (await client.post("/drain")).status_code == 401
         wrong = await client.post("/drain", headers={"Authorization": "Bearer nope"})
         assert wrong.status_code == 401
+        # A problem body like every other error lifecycle answers.
+        assert wrong.headers["content-type"] == "application/problem+json"
+        assert wrong.headers["www-authenticate"] == "Bearer"
+        problem = wrong.json()
+        assert problem["type"] == "urn:lifecycle:problem:unauthorized"
+        assert (problem["status"], problem["title"]) == (401, "Unauthorized")
+        assert problem["instance"].startswith("urn:uuid:")
+        assert "nope" not in wrong.text
         assert not lc.draining
         began = anyio.current_time()
         response = await client.post("/drain", headers={"Authorization": f"Bearer {TOKEN}"})

@@ -20,6 +20,8 @@ from starlette.routing import Route
 import lifecycle
 from lifecycle.httpx import DeadlineExceeded, DeadlineTransport
 
+from .scope_paths import anyio_backend  # noqa: F401 - every test on each scope's code path
+
 pytestmark = pytest.mark.anyio
 
 BUDGET = "x-request-timeout-ms"
@@ -96,7 +98,12 @@ def caller(app: Any) -> httpx.AsyncClient:
 def assert_expired_response(response: httpx.Response) -> None:
     assert response.status_code == 504
     assert response.headers[lifecycle.DEADLINE_EXPIRED_HEADER] == "1"
-    assert response.json()["type"] == lifecycle.DEADLINE_EXPIRED_TYPE
+    problem = response.json()
+    assert problem["type"] == lifecycle.DEADLINE_EXPIRED_TYPE
+    assert problem["instance"].startswith("urn:uuid:")
+    # Nothing of the upstream (its host, URL or path) reaches the external caller.
+    assert "upstream" not in response.text
+    assert "http" not in problem["detail"]
 
 
 async def test_without_a_deadline_requests_pass_through_unchanged() -> None:
