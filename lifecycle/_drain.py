@@ -23,14 +23,16 @@ from __future__ import annotations
 
 import logging
 import signal
+import tempfile
 import threading
 import time
 from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
 
 import anyio
 
 from ._kernel import Kernel
-from ._servers import serving_server, supervisor_warning
+from ._servers import serving_server, supervisor_identity, supervisor_warning
 from ._signals import SignalHold
 from ._validate import seconds
 
@@ -55,8 +57,9 @@ class Drain:
 
     def __init__(self, kernel: Kernel, *, delay: float) -> None:
         self.delay = seconds("drain_delay", delay, zero=True)
-        self.draining = False
+        self._draining = False
         self.began: float | None = None
+        self._marker: Path | None = None
         kernel.observers.add(self)
         if self.delay > 0:
             SignalDrain(kernel, self)
@@ -64,19 +67,62 @@ class Drain:
     def __repr__(self) -> str:
         return f"<Drain delay={self.delay}s draining={self.draining}>"
 
+    @property
+    def draining(self) -> bool:
+        """Whether the drain has begun in this run: here, or in a sibling worker."""
+        if not self._draining and self._marker is not None:
+            self._adopt()
+        return self._draining
+
     def run_starting(self, kernel: Kernel) -> None:
-        """Observer hook: a new run starts undrained."""
-        self.draining = False
+        """Observer hook: a new run starts undrained (unless its siblings drain already)."""
+        self._draining = False
         self.began = None
+        # The workers of one supervisor drain together: a drain begun in one (a preStop
+        # call reaches one worker only) is marked in a file named after the supervisor, which
+        # every sibling's readiness looks for.
+        identity = supervisor_identity()
+        self._marker = (
+            None
+            if identity is None
+            else Path(tempfile.gettempdir()) / f"lifecycle-drain-{identity}"
+        )
 
     def begin(self) -> None:
         """Begin the drain (once a run): from now on readiness fails, while liveness holds."""
-        if not self.draining:
-            self.draining = True
-            # time.monotonic, not the loop's clock: this runs from signal callbacks too, where
-            # no task is current and anyio cannot tell which event loop is running.
-            self.began = time.monotonic()
-            logger.info("Drain begun: readiness now fails.", extra={"phase": "drain"})
+        if self.draining:
+            return
+        self._draining = True
+        # time.monotonic, not the loop's clock: this runs from signal callbacks too, where no
+        # task is current and anyio cannot tell which event loop is running. It is the same
+        # clock in every process of the machine, so siblings can count from it too.
+        self.began = time.monotonic()
+        logger.info("Drain begun: readiness now fails.", extra={"phase": "drain"})
+        if self._marker is not None:
+            try:
+                with self._marker.open("x") as marker:
+                    marker.write(repr(self.began))
+            except FileExistsError:
+                pass  # a sibling began it at the same moment
+            except OSError as exc:
+                logger.warning(
+                    "Could not tell the sibling workers that the drain began (%s): each "
+                    "drains when its own signal arrives.",
+                    exc,
+                )
+
+    def _adopt(self) -> None:
+        """Begin the drain here too if a sibling worker began it (the marker exists)."""
+        assert self._marker is not None
+        try:
+            began = float(self._marker.read_text())
+        except (OSError, ValueError):
+            return  # no marker (the usual case), or one being written: look again next time
+        self._draining = True
+        self.began = began
+        logger.info(
+            "Drain begun by a sibling worker: readiness now fails.", extra={"phase": "drain"}
+        )
 
 
 class SignalDrain:

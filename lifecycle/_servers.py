@@ -27,6 +27,7 @@ __all__ = [
     "no_lifespan_message",
     "serving_server",
     "stop_whole_server",
+    "supervisor_identity",
     "supervisor_warning",
 ]
 
@@ -90,6 +91,24 @@ def _runs(pid: int, server: str) -> bool:
         if name == server or argument.startswith(f"{server}:"):  # gunicorn: "gunicorn: master"
             return True
     return False
+
+
+def supervisor_identity() -> str | None:
+    """Who supervises this worker, as ``"<pid>-<start time>"``; ``None`` without one.
+
+    The start time (from /proc) tells a supervisor from a later process given the same pid.
+    """
+    pid = _supervisor_pid()
+    if pid is None:
+        return None
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name (field 2) may hold spaces; the fields after its closing parenthesis
+    # do not: the start time is field 22 of the whole line.
+    fields = stat.rpartition(")")[2].split()
+    return f"{pid}-{fields[19]}" if len(fields) > 19 else None
 
 
 def supervisor_warning() -> str | None:

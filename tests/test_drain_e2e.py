@@ -249,7 +249,7 @@ async def test_each_worker_process_drains_under_workers_2(server_factory: object
     assert exit_code in (0, -signal.SIGTERM), log
     bound = SUPERVISOR_POLL + WORKERS_DRAIN_DELAY + GRACE + 2
     assert took <= bound, f"exit took {took:.1f}s\n{log}"
-    assert log.count("Drain begun: readiness now fails.") == 2, log
+    assert log.count("readiness now fails.") == 2, log  # begun in each, or by a sibling
 
 
 async def test_the_upstream_follows_the_port_the_app_was_started_on(

@@ -210,7 +210,7 @@ async def test_sigterm_drains_before_the_server_stops(start: object, name: str) 
     assert all(body["slept"] == SLOW for _, body in slow_bodies)  # whole bodies
     assert code in (0, -signal.SIGTERM), f"exit code {code}\n{log}"
     assert took <= reach + DRAIN_DELAY + SLOW + GRACE + 2, f"exit took {took:.1f}s\n{log}"
-    assert log.count("Drain begun: readiness now fails.") == workers, log
+    assert log.count("readiness now fails.") == workers, log  # begun here, or by a sibling
     assert log.count("db stopped in") == workers, log  # each lifespan shutdown ran
     assert "Traceback" not in log, log
 
@@ -311,3 +311,45 @@ async def test_daphne_runs_no_lifespan_and_every_answer_says_so(start: object) -
     await server.wait_exit(10)
     log = server.output()
     assert log.count("lifespan never started") == 1, log  # one error line, not one a request
+
+
+@pytest.mark.parametrize(
+    "name", ["uvicorn --workers 2", "granian --workers 2", "hypercorn --workers 2"]
+)
+async def test_the_prestop_route_drains_every_worker(start: object, name: str) -> None:
+    """POST /drain reaches one worker; every sibling fails readiness too (a marker file
+    named after the supervisor), for the delay; the SIGTERM after it stops the server."""
+    server: Server = start(name, DRAIN_DELAY="2")  # type: ignore[operator]
+    await server.wait_ready(_workers(name))
+    limits = httpx.Limits(max_keepalive_connections=0)  # every request a new connection
+    async with httpx.AsyncClient(base_url=server.url, timeout=10, limits=limits) as client:
+        began = time.monotonic()
+        async with anyio.create_task_group() as tg:
+
+            async def prestop() -> None:
+                answer = await client.post(
+                    "/drain", headers={"Authorization": "Bearer servers-app-drain-token"}
+                )
+                assert answer.status_code == 200, answer.text
+
+            tg.start_soon(prestop)
+            await anyio.sleep(0.2)
+            answers = []
+            pids = set()
+            while time.monotonic() - began < 1.6:
+                ready = await client.get("/readyz")
+                fast = await client.get("/fast")
+                answers.append((ready.status_code, fast.status_code))
+                pids.add(fast.json()["pid"])
+        held_for = time.monotonic() - began
+        assert len(pids) == 2, f"only {pids} answered: the test saw one worker"
+        assert set(answers) == {(503, 200)}, answers
+        assert held_for >= 2 * 0.9  # the preStop call answers once the delay has passed
+    sent = time.monotonic()
+    server.process.send_signal(signal.SIGTERM)
+    code, _ = await server.wait_exit(GRACE + 5)
+    took = time.monotonic() - sent
+    log = server.output()
+    assert code in (0, -signal.SIGTERM), log
+    assert took < 1.5, f"the delay was spent already; exit took {took:.1f}s\n{log}"
+    assert log.count("Drain begun by a sibling worker") == 1, log
