@@ -1216,25 +1216,16 @@ class _Run:
                     )
                     self._fail_start(record)
         failures = {n: r.error for n, r in self.records.items() if r.error is not None}
-        complete = all(record.started for record in self.records.values())
-        if self.interrupted is not None and not failures and not complete:
-            cancelled = [n for n, r in self.records.items() if r.state is ServiceState.STARTING]
-            for name in cancelled:
-                self.records[name].state = ServiceState.CANCELLED
-                self.records[name].start_ended = self.now()
-            rollback_errors = await self._rollback()
-            error = _startup_error(
-                failures,
-                cancelled,
-                list(self.stop_order),
-                rollback_errors,
-                interrupted_by=signal.Signals(self.interrupted).name,
-            )
-            self.error = error
-            if observers:
-                observers.call("run_started", self.kernel, error)
-            raise error
-        if not failures:
+        # Interrupted by a signal, with no start failed and not every service started (one
+        # that arrived as the last service started is the server's to act on, below).
+        interrupted_by = None
+        if (
+            self.interrupted is not None
+            and not failures
+            and not all(record.started for record in self.records.values())
+        ):
+            interrupted_by = signal.Signals(self.interrupted).name
+        if not failures and interrupted_by is None:
             for record in self.records.values():
                 if not record.started:  # not expected: never report a partial start as done
                     record.error = RuntimeError(
@@ -1242,7 +1233,7 @@ class _Run:
                     )
                     self._fail_start(record)
                     failures[record.service.name] = record.error
-        if not failures:
+        if not failures and interrupted_by is None:
             self.started_ok = True
             self._log_started()
             if observers:  # the drain holds the signals from here (before this hold ends)
@@ -1257,7 +1248,13 @@ class _Run:
             self.records[name].state = ServiceState.CANCELLED
             self.records[name].start_ended = self.now()
         rollback_errors = await self._rollback()
-        error = _startup_error(failures, cancelled, list(self.stop_order), rollback_errors)
+        error = _startup_error(
+            failures,
+            cancelled,
+            list(self.stop_order),
+            rollback_errors,
+            interrupted_by=interrupted_by,
+        )
         self.error = error
         if observers:
             observers.call("run_started", self.kernel, error)
@@ -2147,11 +2144,9 @@ def _startup_error(
         interrupted_by=interrupted_by,
     )
     originals = list(failures.values())
-    if not originals:
-        pass
-    elif len(originals) == 1:
+    if len(originals) == 1:
         error.__cause__ = originals[0]
-    else:
+    elif originals:  # none when a signal interrupted the startup
         error.__cause__ = BaseExceptionGroup("services that failed to start", originals)
     return error
 
