@@ -37,6 +37,7 @@ import lifecycle.fastapi
 from lifecycle import _deadline
 from lifecycle._deadline import _parse_grpc_timeout, _parse_milliseconds, _read_budget
 
+from .asgi import raw_call
 from .scope_paths import anyio_backend  # noqa: F401 - every test on each scope's code path
 
 pytestmark = pytest.mark.anyio
@@ -388,42 +389,6 @@ async def test_the_shared_timer_keeps_memory_proportional_to_requests_in_flight(
             await http.get("/")
     timer = _deadline._timer_for(asyncio.get_running_loop())
     assert 0 < len(timer.heap) < 140  # 300 finished requests, compacted as they went
-
-
-async def raw_call(
-    app: Any, path: str = "/", headers: list[tuple[bytes, bytes]] | None = None
-) -> list[dict[str, Any]]:
-    """Call an ASGI app directly and return every message it sent."""
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0", "spec_version": "2.4"},
-        "http_version": "1.1",
-        "method": "GET",
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "query_string": b"",
-        "root_path": "",
-        "headers": headers or [],
-        "client": ("127.0.0.1", 1),
-        "server": ("127.0.0.1", 2),
-    }
-    sent: list[dict[str, Any]] = []
-    request_sent = False
-
-    async def receive() -> dict[str, Any]:
-        nonlocal request_sent
-        if not request_sent:
-            request_sent = True
-            return {"type": "http.request", "body": b"", "more_body": False}
-        await anyio.sleep_forever()
-        raise AssertionError("unreachable")
-
-    async def send(message: Any) -> None:
-        sent.append(dict(message))
-
-    await app(scope, receive, send)
-    return sent
 
 
 async def test_expiry_mid_stream_aborts_the_response_without_a_second_start(

@@ -22,6 +22,8 @@ from starlette.routing import Route
 from lifecycle import Lifecycle, StartupError, instrument_metrics, instrument_tracing
 from lifecycle.testing import lifespan_client
 
+from .asgi import raw_call
+
 pytestmark = pytest.mark.anyio
 
 
@@ -632,41 +634,6 @@ def _instrumented_app(instrumentation: str, spans: Spans) -> Any:
     return app
 
 
-async def _raw_get(app: Any, path: str) -> list[dict[str, Any]]:
-    """Call ``app`` as a server would and return the messages it sent."""
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "GET",
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "query_string": b"",
-        "root_path": "",
-        "headers": [(b"host", b"testserver")],
-        "client": ("127.0.0.1", 1),
-        "server": ("127.0.0.1", 80),
-    }
-    sent: list[dict[str, Any]] = []
-    received = False
-
-    async def receive() -> dict[str, Any]:
-        nonlocal received
-        if not received:
-            received = True
-            return {"type": "http.request", "body": b"", "more_body": False}
-        await anyio.sleep_forever()
-        raise AssertionError("unreachable")
-
-    async def send(message: dict[str, Any]) -> None:
-        sent.append(dict(message))
-
-    with anyio.fail_after(5):
-        await app(scope, receive, send)
-    return sent
-
-
 def _no_meters() -> Any:
     from opentelemetry.metrics import NoOpMeterProvider
 
@@ -687,7 +654,8 @@ async def test_the_server_span_of_a_real_instrumentation_gets_the_deadline(
             quick = await client.get("/quick", headers={"x-request-timeout-ms": "3000"})
             slow = await client.get("/slow")
         # httpx's ASGI transport refuses a truncated response: the aborted stream is read raw.
-        stream = await _raw_get(app, "/stream")
+        with anyio.fail_after(5):
+            stream = await raw_call(app, "/stream", [(b"host", b"testserver")])
     finally:
         tracing.close()
     assert quick.status_code == 200
